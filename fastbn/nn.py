@@ -1,0 +1,93 @@
+"""Drop-in BatchNorm modules and fastbn.convert."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .functional import batch_norm
+
+
+class _FastBatchNorm:
+    """forward() of torch's _BatchNorm on fastbn's kernels.
+
+    One difference in order, none in results: num_batches_tracked is
+    incremented after the kernel has accepted the input, so that bad input
+    leaves every buffer untouched.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        tracking = (
+            self.training and self.track_running_stats and self.num_batches_tracked is not None
+        )
+        if tracking and self.momentum is None:
+            # Cumulative moving average over the batches seen, this one included.
+            factor = 1.0 / (float(self.num_batches_tracked) + 1.0)
+        # Batch statistics in training, and in eval when no running stats exist.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        out = batch_norm(
+            input,
+            self.running_mean if keep_running else None,
+            self.running_var if keep_running else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+        if tracking:
+            self.num_batches_tracked.add_(1)
+        return out
+
+
+class BatchNorm1d(_FastBatchNorm, nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d on fastbn's kernels: same arguments, buffers and state_dict."""
+
+
+class BatchNorm2d(_FastBatchNorm, nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d on fastbn's kernels: same arguments, buffers and state_dict."""
+
+
+class BatchNorm3d(_FastBatchNorm, nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d on fastbn's kernels: same arguments, buffers and state_dict."""
+
+
+_REPLACEMENTS = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+}
+
+
+def convert(module: nn.Module) -> nn.Module:
+    """Returns `module` with every torch BatchNorm1d/2d/3d replaced by fastbn's.
+
+    Like nn.SyncBatchNorm.convert_sync_batchnorm: the new modules share the
+    original parameters and buffers (same tensor objects) and training mode.
+    Subclasses of the torch classes (e.g. SyncBatchNorm) are left alone.
+    """
+    converted = module
+    replacement = _REPLACEMENTS.get(type(module))
+    if replacement is not None:
+        converted = replacement(
+            module.num_features,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            track_running_stats=module.track_running_stats,
+            device="meta",
+        )
+        if module.affine:
+            converted.weight = module.weight
+            converted.bias = module.bias
+        converted.running_mean = module.running_mean
+        converted.running_var = module.running_var
+        converted.num_batches_tracked = module.num_batches_tracked
+        converted.train(module.training)
+        if hasattr(module, "qconfig"):
+            converted.qconfig = module.qconfig
+    for name, child in module.named_children():
+        converted.add_module(name, convert(child))
+    return converted

@@ -1,0 +1,48 @@
+"""Handles on the native operators and their fake (meta) kernels.
+
+The schemas live in csrc/fastbn.cpp; autograd is registered in C++
+(csrc/autograd.cpp). The fake kernels here give torch.compile and
+torch.library.opcheck the output shapes, dtypes and strides without running
+a kernel.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _loader
+
+_native = _loader.load()["module"]
+
+# Direct bindings for eager calls (cheaper than torch.ops' boxed call).
+eager_batch_norm_train = _native.batch_norm_train
+eager_batch_norm_eval = _native.batch_norm_eval
+
+batch_norm_train = torch.ops.fastbn.batch_norm_train.default
+batch_norm_eval = torch.ops.fastbn.batch_norm_eval.default
+batch_norm_backward = torch.ops.fastbn.batch_norm_backward.default
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fastbn::batch_norm_train")
+def _batch_norm_train_fake(input, weight, bias, running_mean, running_var, momentum, eps):
+    channels = input.shape[1]
+    stat = input.new_empty((channels,), dtype=_acc_dtype(input.dtype))
+    return torch.empty_like(input), stat, torch.empty_like(stat)
+
+
+@torch.library.register_fake("fastbn::batch_norm_eval")
+def _batch_norm_eval_fake(input, running_mean, running_var, weight, bias, eps):
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("fastbn::batch_norm_backward")
+def _batch_norm_backward_fake(grad_output, input, weight, mean, invstd, training, output_mask):
+    channels = input.shape[1]
+    param_dtype = weight.dtype if weight is not None else input.dtype
+    grad_input = torch.empty_like(input) if output_mask[0] else None
+    grad_weight = input.new_empty((channels,), dtype=param_dtype) if output_mask[1] else None
+    grad_bias = input.new_empty((channels,), dtype=param_dtype) if output_mask[2] else None
+    return grad_input, grad_weight, grad_bias

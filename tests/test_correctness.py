@@ -1,0 +1,230 @@
+"""Forward and backward of fastbn against torch.nn.functional.batch_norm and
+against fastbn.reference in float64, over shapes, layouts, dtypes and modes."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastbn
+from helpers import (
+    FLOAT_DTYPES,
+    assert_close_to_reference,
+    channel_params,
+    make_input,
+    poison_allocator,
+)
+
+# Shapes chosen to reach every code path: C = 1, odd C, C below and above the
+# vector width, spatial sizes with and without vector tails, and sizes large
+# enough to be split into several parallel chunks.
+SHAPES = {
+    2: [(7, 1), (5, 3), (16, 17), (64, 100)],
+    3: [(3, 5, 7), (2, 3, 33), (4, 1, 50)],
+    4: [(4, 6, 5, 5), (2, 3, 1, 1), (3, 16, 7, 9), (40, 2, 64, 64)],
+    5: [(2, 3, 4, 5, 6), (2, 20, 3, 3, 3)],
+}
+CASES = [
+    (shape, fmt)
+    for dim, shapes in SHAPES.items()
+    for shape in shapes
+    for fmt in (["contiguous", "strided"] + (["channels_last"] if dim >= 4 else []))
+]
+
+
+def case_id(case):
+    shape, fmt = case
+    return f"{'x'.join(map(str, shape))}-{fmt}"
+
+
+def run_both(x, params, training, momentum, affine, track, dtype_params):
+    """fastbn and the float64 reference on the same values; returns outputs,
+    gradients and the running stats of each."""
+    weight, bias, running_mean, running_var = (p.to(dtype_params) for p in params)
+    if not affine:
+        weight = bias = None
+    if not track:
+        running_mean = running_var = None
+    grad_out = torch.randn(x.shape, dtype=torch.float64, device=x.device).to(x.dtype)
+
+    def run(fn, cast):
+        xi = cast(x).detach().requires_grad_()
+        w = cast(weight).detach().requires_grad_() if weight is not None else None
+        b = cast(bias).detach().requires_grad_() if bias is not None else None
+        rm = cast(running_mean).clone() if running_mean is not None else None
+        rv = cast(running_var).clone() if running_var is not None else None
+        y = fn(xi, rm, rv, w, b, training, momentum, 1e-5)
+        inputs = [t for t in (xi, w, b) if t is not None]
+        grads = torch.autograd.grad(y, inputs, cast(grad_out))
+        return y, grads, rm, rv
+
+    ours = run(fastbn.batch_norm, lambda t: t)
+    ref = run(fastbn.reference.batch_norm, lambda t: t.double() if t is not None else None)
+    return ours, ref
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_float64_reference(device, case, dtype, training):
+    shape, fmt = case
+    x = make_input(shape, dtype, device, fmt, offset=0.5, scale=2.0)
+    params = channel_params(shape[1], torch.float64, device)
+    poison_allocator(device, x.numel() * x.element_size())
+    for affine, track in itertools.product([True, False], [True, False]):
+        if not training and not track:
+            continue  # evaluation needs running statistics
+        ours, ref = run_both(x, params, training, 0.1, affine, track, dtype)
+        what = f"{shape} {fmt} {dtype} train={training} affine={affine} track={track}"
+        assert ours[0].dtype == dtype and ours[0].shape == x.shape
+        assert not torch.isnan(ours[0]).any(), what
+        assert_close_to_reference(ours[0], ref[0], dtype, f"output {what}")
+        for i, (g, g_ref) in enumerate(zip(ours[1], ref[1])):
+            assert_close_to_reference(g, g_ref, dtype, f"grad {i} {what}")
+        if track and training:
+            assert_close_to_reference(ours[2], ref[2], dtype, f"running_mean {what}")
+            assert_close_to_reference(ours[3], ref[3], dtype, f"running_var {what}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_mixed_precision_float32_params(device, dtype, training):
+    """Half input with float32 weight, bias and running stats, as autocast makes them."""
+    x = make_input((8, 5, 6, 6), dtype, device, "channels_last")
+    params = channel_params(5, torch.float64, device)
+    ours, ref = run_both(x, params, training, 0.1, True, True, torch.float32)
+    assert ours[0].dtype == dtype
+    assert_close_to_reference(ours[0], ref[0], dtype, "output")
+    assert ours[1][1].dtype == torch.float32 and ours[1][2].dtype == torch.float32
+    for g, g_ref in zip(ours[1], ref[1]):
+        assert_close_to_reference(g, g_ref, dtype, "grad")
+    if training:
+        assert ours[2].dtype == torch.float32
+        assert_close_to_reference(ours[2], ref[2], torch.float32, "running_mean")
+        assert_close_to_reference(ours[3], ref[3], torch.float32, "running_var")
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_torch(device, fmt, dtype, training):
+    """Against torch's own kernels in the same dtype."""
+    x = make_input((6, 7, 9, 11), dtype, device, fmt)
+    w, b, rm, rv = channel_params(7, dtype, device)
+    grad_out = torch.randn_like(x)
+    results = []
+    for fn in (fastbn.batch_norm, F.batch_norm):
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+        rmi, rvi = rm.clone(), rv.clone()
+        y = fn(xi, rmi, rvi, wi, bi, training, 0.1, 1e-5)
+        results.append((y, *torch.autograd.grad(y, (xi, wi, bi), grad_out), rmi, rvi))
+    rtol, atol = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-4),
+                  torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 5e-2)}[dtype]
+    for name, a, t in zip(["out", "dx", "dw", "db", "rm", "rv"], *results):
+        scale = max(1.0, t.abs().max().item())
+        torch.testing.assert_close(a, t, rtol=rtol, atol=atol * scale, msg=lambda m: f"{name}: {m}")
+    # The output keeps the input's memory format, as torch's does.
+    assert results[0][0].stride() == results[1][0].stride()
+    assert results[0][1].stride() == results[1][1].stride()
+
+
+def test_backward_output_mask(device):
+    """Only the requested gradients are computed and returned."""
+    x = make_input((4, 3, 5), torch.float32, device)
+    w, b, _, _ = channel_params(3, torch.float32, device)
+    y, mean, invstd = torch.ops.fastbn.batch_norm_train(x, w, b, None, None, 0.1, 1e-5)
+    dy = torch.randn_like(x)
+    full = torch.ops.fastbn.batch_norm_backward(dy, x, w, mean, invstd, True, [True, True, True])
+    for mask in itertools.product([False, True], repeat=3):
+        got = torch.ops.fastbn.batch_norm_backward(dy, x, w, mean, invstd, True, list(mask))
+        for wanted, g, ref in zip(mask, got, full):
+            if wanted:
+                torch.testing.assert_close(g, ref, rtol=0, atol=0)
+            else:
+                assert g is None
+
+
+def test_input_gradient_only(device):
+    """With only x requiring grad, grad_input is still right and nothing else is produced."""
+    x = make_input((4, 3, 5), torch.float32, device).requires_grad_()
+    w, b, _, _ = channel_params(3, torch.float32, device)
+    dy = torch.randn(x.shape, device=device)
+    y = fastbn.batch_norm(x, None, None, w, b, training=True)
+    y.backward(dy)
+    xr = x.detach().double().requires_grad_()
+    yr = fastbn.reference.batch_norm(xr, None, None, w.double(), b.double(), training=True)
+    yr.backward(dy.double())
+    assert_close_to_reference(x.grad, xr.grad, torch.float32, "grad_input")
+    assert w.grad is None and b.grad is None
+
+
+def test_large_offset_statistics_are_accurate(device):
+    """x = 1e4 + randn in fp32: Welford statistics, no E[x^2] - E[x]^2 cancellation.
+    fastbn's mean and variance must be at least as accurate as torch's."""
+    x = make_input((64, 8, 32, 32), torch.float32, device, offset=1e4)
+    exact = x.double()
+    mean_exact = exact.mean(dim=(0, 2, 3))
+    var_exact = exact.var(dim=(0, 2, 3), unbiased=True)
+    errors = {}
+    for name, fn in (("fastbn", fastbn.batch_norm), ("torch", F.batch_norm)):
+        rm = torch.zeros(8, device=device)
+        rv = torch.zeros(8, device=device)
+        fn(x, rm, rv, None, None, True, 1.0, 1e-5)  # momentum 1: running = batch
+        errors[name] = (
+            (rm.double() - mean_exact).abs().max().item(),
+            ((rv.double() - var_exact) / var_exact).abs().max().item(),
+        )
+    mean_err, var_err = errors["fastbn"]
+    torch_mean_err, torch_var_err = errors["torch"]
+    # Within the fp32 rounding of a value near 1e4 and a relative 1e-4 on the
+    # variance, and no worse than torch (with a little slack for rounding).
+    assert mean_err <= max(2 * torch_mean_err, 1e-3), errors
+    assert var_err <= max(2 * torch_var_err, 1e-4), errors
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_results_do_not_depend_on_thread_count(fmt):
+    """Chunking depends on the shape only, so 1 and 2 threads give bitwise-equal results."""
+    x = make_input((40, 6, 33, 31), torch.float32, "cpu", fmt)
+    w, b, rm, rv = channel_params(6, torch.float32, "cpu")
+    dy = torch.randn_like(x)
+    outputs = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            rmi, rvi = rm.clone(), rv.clone()
+            y, mean, invstd = torch.ops.fastbn.batch_norm_train(x, w, b, rmi, rvi, 0.1, 1e-5)
+            grads = torch.ops.fastbn.batch_norm_backward(dy, x, w, mean, invstd, True, [True] * 3)
+            outputs.append([y, mean, invstd, rmi, rvi, *grads])
+    finally:
+        torch.set_num_threads(previous)
+    for a, b_ in zip(*outputs):
+        assert torch.equal(a, b_)
+
+
+def test_grad_output_in_another_layout(device):
+    """grad_output in a different memory format from the input is handled."""
+    x = make_input((4, 6, 5, 7), torch.float32, device, "channels_last").requires_grad_()
+    w, b, _, _ = channel_params(6, torch.float32, device)
+    dy = torch.randn(x.shape, device=device)  # contiguous, unlike x
+    y = fastbn.batch_norm(x, None, None, w, b, training=True)
+    (gx,) = torch.autograd.grad(y, x, dy)
+    xr = x.detach().double().requires_grad_()
+    yr = fastbn.reference.batch_norm(xr, None, None, w.double(), b.double(), training=True)
+    (gr,) = torch.autograd.grad(yr, xr, dy.double())
+    assert gx.is_contiguous(memory_format=torch.channels_last)
+    assert_close_to_reference(gx, gr, torch.float32, "grad_input")
+
+
+def test_empty_batch_like_torch(device):
+    x = torch.randn(0, 3, 4, device=device, requires_grad=True)
+    w, b, rm, rv = channel_params(3, torch.float32, device)
+    w.requires_grad_()
+    rm0, rv0 = rm.clone(), rv.clone()
+    y = fastbn.batch_norm(x, rm, rv, w, b, training=True)
+    assert y.shape == x.shape
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+    assert x.grad.shape == x.shape
