@@ -17,11 +17,13 @@ from helpers import (
 
 # Shapes chosen to reach every code path: C = 1, odd C, C below and above the
 # vector width, spatial sizes with and without vector tails, and sizes large
-# enough to be split into several parallel chunks.
+# enough to be split into several parallel chunks. No channel has only two
+# values: there the exact grad_input is 0 and fp32 rounding, amplified by a
+# large invstd, is all that is left to compare.
 SHAPES = {
     2: [(7, 1), (5, 3), (16, 17), (64, 100)],
     3: [(3, 5, 7), (2, 3, 33), (4, 1, 50)],
-    4: [(4, 6, 5, 5), (2, 3, 1, 1), (3, 16, 7, 9), (40, 2, 64, 64)],
+    4: [(4, 6, 5, 5), (5, 3, 1, 1), (3, 16, 7, 9), (40, 2, 64, 64)],
     5: [(2, 3, 4, 5, 6), (2, 20, 3, 3, 3)],
 }
 CASES = [
