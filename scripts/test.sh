@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up (scripts/setup.sh) and runs the whole test suite. Extra arguments go to pytest.
+# Sets up (scripts/setup.sh) and runs the whole test suite, with the
+# micro-benchmarks in benchmarks/ run once each. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -7,4 +8,4 @@ bash scripts/setup.sh
 if [ -n "${CUDA_HOME:-}" ] || [ -x /usr/local/cuda-13.0/bin/nvcc ]; then
   if [ "${FASTBN_FORCE_CPU:-0}" != "1" ]; then export FASTBN_EXPECT_CUDA=1; fi
 fi
-exec .venv/bin/python -m pytest tests "$@"
+exec .venv/bin/python -m pytest tests benchmarks --benchmark-disable "$@"

@@ -1,0 +1,458 @@
+"""Kernel benchmark: fastbn against PyTorch's BatchNorm, side by side in one run.
+
+    python -m fastbn.bench [--quick] [--device cpu|cuda] [--out DIR] ...
+
+Contenders, case by case: fastbn; torch (F.batch_norm with cuDNN enabled,
+what users get); on the GPU also torch with cuDNN disabled (ATen's kernels)
+and torch.compile'd F.batch_norm (Inductor). Cases: training forward,
+training forward+backward, eval forward, over shapes, dtypes and memory
+formats. Times are medians of torch.utils.benchmark blocks after warm-up;
+inputs are random and, when large, rotate through enough copies that they do
+not sit in the last-level cache between repetitions.
+
+Effective bandwidth uses a stated byte model, in elements of the input read
+or written: two-pass kernels move 3N (forward: read x twice, write y),
+5N (backward: read x, dy twice, write dx) and 2N (eval: read x, write y);
+the floors are 2N, 3N and 2N. It is reported as a fraction of the copy
+bandwidth (dst.copy_(src), 2 bytes moved per byte copied) measured in the
+same run.
+
+Writes results.json (every number, device, versions, date), summary.md,
+speedup.png and bandwidth.png to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+import fastbn
+
+MODES = ("train_fwd", "train_fwdbwd", "eval_fwd")
+# Elements moved per input element: (two-pass model, floor).
+BYTE_MODEL = {"train_fwd": (3, 2), "train_fwdbwd": (8, 5), "eval_fwd": (2, 2)}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def tutorial_shapes(batch: int) -> list[tuple[str, tuple[int, ...]]]:
+    return [
+        (f"mlp-bn1d b{batch}", (batch, 100)),
+        (f"conv-bn1 b{batch}", (batch, 6, 28, 28)),
+        (f"conv-bn2 b{batch}", (batch, 16, 10, 10)),
+    ]
+
+
+def resnet_shapes(batch: int) -> list[tuple[str, tuple[int, ...]]]:
+    shapes = [(batch, 64, 112, 112), (batch, 256, 56, 56), (batch, 512, 28, 28), (batch, 2048, 7, 7)]
+    out = [(f"resnet b{batch}", s) for s in shapes]
+    out.append(("resnet-cifar b256" if batch == 64 else f"resnet-cifar b{batch * 4}", (batch * 4, 32, 32, 32)))
+    return out
+
+
+BN1D_SHAPES = [("bn1d", (8192, 1024)), ("bn1d", (65536, 256))]
+
+
+def default_shapes(device: str) -> list[tuple[str, tuple[int, ...]]]:
+    resnet_batch = 64 if device == "cuda" else 32
+    return tutorial_shapes(64) + tutorial_shapes(1024) + resnet_shapes(resnet_batch) + BN1D_SHAPES
+
+
+def quick_shapes(device: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [("mlp-bn1d b64", (64, 100)), ("conv-bn1 b64", (64, 6, 28, 28)), ("conv-bn2 b1024", (1024, 16, 10, 10))]
+
+
+@dataclass
+class Case:
+    label: str
+    shape: tuple[int, ...]
+    dtype: str
+    fmt: str  # "nchw" or "channels_last"
+    mode: str
+    times_us: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bytes_per_element(self) -> int:
+        return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode} {self.dtype} {self.fmt} {'x'.join(map(str, self.shape))}"
+
+
+def make_cases(shapes, dtypes, formats, modes) -> list[Case]:
+    cases = []
+    for label, shape in shapes:
+        for dtype in dtypes:
+            for fmt in formats:
+                if fmt == "channels_last" and len(shape) not in (4, 5):
+                    continue
+                for mode in modes:
+                    cases.append(Case(label, tuple(shape), dtype, fmt, mode))
+    return cases
+
+
+def last_level_cache_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).L2_cache_size
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+        best = max(best, int(text.rstrip("KMG")) * scale)
+    return best or (32 << 20)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn: Callable[[], object], device: str, min_run_time: float) -> float:
+    for _ in range(3):  # warm-up (and compilation for torch.compile)
+        fn()
+    sync(device)
+    measurement = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    return measurement.median
+
+
+def copy_bandwidth(device: str, min_run_time: float) -> float:
+    """Bytes per second moved by dst.copy_(src) on buffers far larger than the cache."""
+    nbytes = max(4 * last_level_cache_bytes(device), 256 << 20)
+    src = torch.rand(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    seconds = median_seconds(lambda: dst.copy_(src), device, min_run_time)
+    return 2 * nbytes / seconds
+
+
+class Inputs:
+    """Random inputs for one case; large ones rotate through several copies."""
+
+    def __init__(self, case: Case, device: str, cache_bytes: int):
+        dtype = DTYPES[case.dtype]
+        nbytes = case.numel * case.bytes_per_element
+        copies = 1 if nbytes * 4 < cache_bytes else min(8, max(2, math.ceil(3 * cache_bytes / nbytes)))
+        fmt = torch.channels_last if len(case.shape) == 4 else torch.channels_last_3d
+        C = case.shape[1]
+        needs_grad = case.mode == "train_fwdbwd"
+
+        def tensor():
+            t = torch.randn(case.shape, device=device, dtype=dtype) * 2 + 0.5
+            if case.fmt == "channels_last":
+                t = t.contiguous(memory_format=fmt)
+            return t.requires_grad_(needs_grad)
+
+        self.xs = [tensor() for _ in range(copies)]
+        self.dys = [torch.randn_like(x).detach() for x in self.xs] if needs_grad else None
+        pdtype = dtype if dtype == torch.float64 else torch.float32  # autocast's choice
+        self.weight = (torch.rand(C, device=device, dtype=pdtype) + 0.5).requires_grad_(needs_grad)
+        self.bias = torch.randn(C, device=device, dtype=pdtype).requires_grad_(needs_grad)
+        self.running_mean = torch.randn(C, device=device, dtype=pdtype)
+        self.running_var = torch.rand(C, device=device, dtype=pdtype) + 0.5
+        self.next = 0
+
+    def take(self):
+        i = self.next
+        self.next = (i + 1) % len(self.xs)
+        return self.xs[i], (self.dys[i] if self.dys else None)
+
+
+def make_step(fn, case: Case, inputs: Inputs) -> Callable[[], object]:
+    training = case.mode != "eval_fwd"
+    w, b, rm, rv = inputs.weight, inputs.bias, inputs.running_mean, inputs.running_var
+    if case.mode == "train_fwdbwd":
+        def step():
+            x, dy = inputs.take()
+            y = fn(x, rm, rv, w, b, training, 0.1, 1e-5)
+            return torch.autograd.grad(y, (x, w, b), dy)
+    else:
+        def step():
+            x, _ = inputs.take()
+            with torch.no_grad():
+                return fn(x, rm, rv, w, b, training, 0.1, 1e-5)
+    return step
+
+
+def torch_without_cudnn(*args):
+    with torch.backends.cudnn.flags(enabled=False):
+        return F.batch_norm(*args)
+
+
+def contenders(device: str, compile_: bool) -> dict[str, Callable]:
+    out = {"fastbn": fastbn.batch_norm, "torch": F.batch_norm}
+    if device == "cuda":
+        out["torch_no_cudnn"] = torch_without_cudnn
+        if compile_:
+            out["torch_compile"] = torch.compile(F.batch_norm)
+    return out
+
+
+def environment(device: str, copy_bw: float) -> dict:
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if device == "cuda" else None,
+        "python": platform.python_version(),
+        "fastbn": fastbn.__version__,
+        "fastbn_build": {k: v for k, v in fastbn.build_info().items() if k != "library"},
+        "copy_bandwidth_GBps": copy_bw / 1e9,
+        "byte_model": {m: {"two_pass": a, "floor": f} for m, (a, f) in BYTE_MODEL.items()},
+    }
+    return info
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def case_metrics(case: Case, copy_bw: float) -> dict:
+    t = {k: v / 1e6 for k, v in case.times_us.items()}
+    nbytes = case.numel * case.bytes_per_element
+    model, floor = BYTE_MODEL[case.mode]
+    ours = t["fastbn"]
+    others = {k: v for k, v in t.items() if k != "fastbn"}
+    best_torch = min(others.values())
+    return {
+        "speedup": {k: v / ours for k, v in others.items()},
+        "ratio_vs_best_torch": ours / best_torch,
+        "fastbn_fraction_of_copy_bw": model * nbytes / ours / copy_bw,
+        "fastbn_fraction_of_copy_bw_floor": floor * nbytes / ours / copy_bw,
+        "torch_fraction_of_copy_bw": model * nbytes / t["torch"] / copy_bw,
+        "floor_us": floor * nbytes / copy_bw * 1e6,
+    }
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(statistics.fmean(math.log(v) for v in values)) if values else float("nan")
+
+
+def summarize(cases: list[Case], metrics: list[dict]) -> dict:
+    out = {}
+    for mode in MODES:
+        rows = [m for c, m in zip(cases, metrics) if c.mode == mode]
+        if not rows:
+            continue
+        out[mode] = {
+            "cases": len(rows),
+            "geomean_speedup": {k: geomean(r["speedup"][k] for r in rows) for k in rows[0]["speedup"]},
+            "worst_ratio_vs_best_torch": max(r["ratio_vs_best_torch"] for r in rows),
+        }
+    return out
+
+
+def format_table(cases: list[Case], metrics: list[dict], names: list[str]) -> str:
+    head = f"{'case':<44}{'shape':>22}" + "".join(f"{n + ' us':>18}" for n in names)
+    head += "".join(f"{'x vs ' + n:>16}" for n in names if n != "fastbn") + f"{'%bw':>7}"
+    lines = [head, "-" * len(head)]
+    for c, m in zip(cases, metrics):
+        line = f"{c.mode + ' ' + c.dtype + ' ' + c.fmt + ' ' + c.label:<44}{'x'.join(map(str, c.shape)):>22}"
+        line += "".join(f"{c.times_us[n]:>18.1f}" for n in names)
+        line += "".join(f"{m['speedup'][n]:>16.2f}" for n in names if n != "fastbn")
+        line += f"{100 * m['fastbn_fraction_of_copy_bw']:>7.0f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def markdown_summary(env: dict, cases: list[Case], metrics: list[dict], summary: dict, names: list[str]) -> str:
+    lines = [
+        f"# fastbn kernel benchmark ({env['device']})",
+        "",
+        f"{env['date']} on {env['device_name']} ({env['cpu_model']}), {env['threads']} threads, "
+        f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}; "
+        f"copy bandwidth {env['copy_bandwidth_GBps']:.1f} GB/s.",
+        "",
+        "Speedup = contender time / fastbn time (> 1: fastbn is faster). %bw: fastbn's effective "
+        "bandwidth under the two-pass byte model (3N fwd, 5N bwd, 2N eval) as a share of the copy bandwidth.",
+        "",
+        "| mode | cases | " + " | ".join(f"geomean vs {n}" for n in names if n != "fastbn") + " | worst fastbn/best-torch |",
+        "|---|---|" + "---|" * (len(names) - 1) + "---|",
+    ]
+    for mode, s in summary.items():
+        lines.append(
+            f"| {mode} | {s['cases']} | "
+            + " | ".join(f"{s['geomean_speedup'][n]:.2f}x" for n in names if n != "fastbn")
+            + f" | {s['worst_ratio_vs_best_torch']:.2f} |"
+        )
+    lines += [
+        "",
+        "| case | shape | " + " | ".join(f"{n} us" for n in names) + " | "
+        + " | ".join(f"x vs {n}" for n in names if n != "fastbn") + " | %bw |",
+        "|---|---|" + "---|" * len(names) + "---|" * (len(names) - 1) + "---|",
+    ]
+    for c, m in zip(cases, metrics):
+        lines.append(
+            f"| {c.mode} {c.dtype} {c.fmt} {c.label} | {'x'.join(map(str, c.shape))} | "
+            + " | ".join(f"{c.times_us[n]:.1f}" for n in names)
+            + " | "
+            + " | ".join(f"{m['speedup'][n]:.2f}" for n in names if n != "fastbn")
+            + f" | {100 * m['fastbn_fraction_of_copy_bw']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(cases: list[Case], metrics: list[dict], names: list[str], out: Path, title: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{c.mode} {c.dtype} {c.fmt} {'x'.join(map(str, c.shape))}" for c in cases]
+    height = max(4, 0.22 * len(cases) + 1.5)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(11, height))
+    others = [n for n in names if n != "fastbn"]
+    bar = 0.8 / len(others)
+    for k, n in enumerate(others):
+        ax.barh([i + k * bar for i in range(len(cases))], [m["speedup"][n] for m in metrics], height=bar, label=f"vs {n}")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks([i + 0.4 - bar / 2 for i in range(len(cases))], labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("speedup of fastbn (contender time / fastbn time)")
+    ax.set_title(f"fastbn speedup — {title}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "speedup.png", dpi=110)
+    plt.close(fig)
+    written.append("speedup.png")
+
+    fig, ax = plt.subplots(figsize=(11, height))
+    ax.barh([i for i in range(len(cases))], [100 * m["fastbn_fraction_of_copy_bw"] for m in metrics], height=0.4, label="fastbn")
+    ax.barh([i + 0.4 for i in range(len(cases))], [100 * m["torch_fraction_of_copy_bw"] for m in metrics], height=0.4, label="torch")
+    ax.set_yticks([i + 0.2 for i in range(len(cases))], labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("effective bandwidth, % of copy bandwidth (two-pass byte model)")
+    ax.set_title(f"fraction of copy bandwidth — {title}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "bandwidth.png", dpi=110)
+    plt.close(fig)
+    written.append("bandwidth.png")
+    return written
+
+
+def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    dims = tuple(int(d) for d in text.lower().replace("(", "").replace(")", "").replace(",", "x").split("x") if d)
+    if len(dims) < 2:
+        raise argparse.ArgumentTypeError(f"shape needs at least 2 dimensions, got {text!r}")
+    return ("custom", dims)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fastbn.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda when a GPU is present, else cpu")
+    parser.add_argument("--quick", action="store_true", help="a small subset, for smoke tests")
+    parser.add_argument("--shape", dest="shapes", type=parse_shape, action="append",
+                        help="a shape such as 64x256x56x56 (repeatable); default: the suite")
+    parser.add_argument("--dtypes", default=None, help="comma list of fp32,fp16,bf16,fp64 "
+                        "(default: fp32,fp16,bf16 on cuda, fp32,bf16 on cpu)")
+    parser.add_argument("--formats", default="nchw,channels_last", help="comma list of nchw,channels_last")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma list of " + ",".join(MODES))
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--min-run-time", type=float, default=None,
+                        help="seconds of timing per contender and case (default 0.25, quick 0.05)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default results/<device>)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def run(args) -> dict:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = (args.dtypes or ("fp32,fp16,bf16" if device == "cuda" else "fp32,bf16")).split(",")
+    for d in dtypes:
+        if d not in DTYPES:
+            raise SystemExit(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
+    formats = args.formats.split(",")
+    modes = args.modes.split(",")
+    if args.quick:
+        shapes = args.shapes or quick_shapes(device)
+        dtypes = dtypes if args.dtypes else ["fp32", "bf16"]
+    else:
+        shapes = args.shapes or default_shapes(device)
+    min_run_time = args.min_run_time or (0.05 if args.quick else 0.25)
+    out = args.out or Path("results") / device
+    out.mkdir(parents=True, exist_ok=True)
+
+    from tqdm import tqdm
+
+    copy_bw = copy_bandwidth(device, min_run_time)
+    env = environment(device, copy_bw)
+    fns = contenders(device, compile_=not args.no_compile and device == "cuda")
+    names = list(fns)
+    cases = make_cases(shapes, dtypes, formats, modes)
+    cache = last_level_cache_bytes(device)
+    for case in tqdm(cases, desc="fastbn.bench", unit="case", disable=args.no_progress):
+        inputs = Inputs(case, device, cache)
+        for name, fn in fns.items():
+            case.times_us[name] = 1e6 * median_seconds(make_step(fn, case, inputs), device, min_run_time)
+        del inputs
+    metrics = [case_metrics(c, copy_bw) for c in cases]
+    summary = summarize(cases, metrics)
+
+    table = format_table(cases, metrics, names)
+    print(f"\n{env['device_name']} ({env['cpu_model']}), threads {env['threads']}, torch {env['torch']}, "
+          f"copy bandwidth {copy_bw / 1e9:.1f} GB/s")
+    print(table)
+    for mode, s in summary.items():
+        speedups = ", ".join(f"{k} {v:.2f}x" for k, v in s["geomean_speedup"].items())
+        print(f"{mode}: geomean speedup of fastbn over {speedups}; worst fastbn/best-torch {s['worst_ratio_vs_best_torch']:.2f}")
+
+    result = {
+        "environment": env,
+        "contenders": names,
+        "cases": [dict(asdict(c), name=c.name, numel=c.numel, **m) for c, m in zip(cases, metrics)],
+        "summary": summary,
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    (out / "summary.md").write_text(markdown_summary(env, cases, metrics, summary, names))
+    files = ["results.json", "summary.md"]
+    if not args.no_plots:
+        files += plot(cases, metrics, names, out, f"{env['device_name']}, {env['date'][:10]}")
+    print(f"wrote {', '.join(str(out / f) for f in files)}")
+    return result
+
+
+def main(argv=None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
