@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/util/Exception.h>
 #include <c10/util/irange.h>
 
@@ -267,12 +268,26 @@ inline at::ScalarType check_backward_args(
 // The output is allocated like the input (PyTorch keeps the memory format);
 // when the input had to be copied to a walkable layout that differs from it,
 // the kernel writes a scratch tensor that is copied over at the end.
+// `empty_strided(sizes, strides)` allocates; the default is at::empty_strided.
 struct OutputLike {
   Tensor result;
   Tensor buffer;
+  template <typename EmptyStrided>
+  OutputLike(const Tensor& input, const Tensor& walkable, const EmptyStrided& empty_strided) {
+    if (input.strides() == walkable.strides()) {
+      // Walkable inputs are dense, where empty_like keeps their strides.
+      result = empty_strided(input.sizes(), input.strides());
+    } else {
+      result = at::empty_like(input);
+    }
+    buffer = result.strides() == walkable.strides()
+        ? result
+        : empty_strided(walkable.sizes(), walkable.strides());
+  }
   OutputLike(const Tensor& input, const Tensor& walkable)
-      : result(at::empty_like(input)),
-        buffer(result.strides() == walkable.strides() ? result : at::empty_like(walkable)) {}
+      : OutputLike(input, walkable, [&](at::IntArrayRef sizes, at::IntArrayRef strides) {
+          return at::empty_strided(sizes, strides, input.options());
+        }) {}
   void finish() {
     if (!buffer.is_same(result)) {
       result.copy_(buffer);

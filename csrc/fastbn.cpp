@@ -2,6 +2,7 @@
 // backends register implementations in csrc/cpu and csrc/cuda, autograd lives
 // in csrc/autograd.cpp and the fake (meta) kernels in fastbn/ops.py.
 #include "op_handles.h"
+#include "cpu/output_pool.h"
 
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -49,4 +50,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          const fastbn::OptTensor& bias, double eps) {
         return fastbn::eval_op().call(input, running_mean, running_var, weight, bias, eps);
       });
+  m.def(
+      "cpu_cache_release", [] { fastbn::cpu::OutputPool::get().release_cached(); },
+      "Frees the CPU output pool's cached blocks.");
+  m.def(
+      "cpu_cache_info",
+      [] {
+        auto& pool = fastbn::cpu::OutputPool::get();
+        return std::make_pair(pool.cached_bytes(), pool.limit_bytes());
+      },
+      "(cached bytes, limit bytes) of the CPU output pool.");
 }

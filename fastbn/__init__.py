@@ -10,6 +10,7 @@ from . import ops  # loads the extension (AOT or JIT) and registers fake kernels
 from . import reference
 from .functional import batch_norm
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert
+from .ops import cache_info, empty_cache
 
 __all__ = [
     "BatchNorm1d",
@@ -17,7 +18,9 @@ __all__ = [
     "BatchNorm3d",
     "batch_norm",
     "build_info",
+    "cache_info",
     "convert",
+    "empty_cache",
     "reference",
 ]
 __version__ = "0.1.0"

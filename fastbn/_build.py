@@ -16,6 +16,7 @@ CPU_SOURCES = [
     "csrc/fastbn.cpp",
     "csrc/autograd.cpp",
     "csrc/cpu/batch_norm_cpu.cpp",
+    "csrc/cpu/output_pool.cpp",
 ]
 CUDA_SOURCES = [
     "csrc/cuda/batch_norm_cuda.cu",

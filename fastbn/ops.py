@@ -46,3 +46,14 @@ def _batch_norm_backward_fake(grad_output, input, weight, mean, invstd, training
     grad_weight = input.new_empty((channels,), dtype=param_dtype) if output_mask[1] else None
     grad_bias = input.new_empty((channels,), dtype=param_dtype) if output_mask[2] else None
     return grad_input, grad_weight, grad_bias
+
+
+def empty_cache() -> None:
+    """Frees the CPU output blocks fastbn keeps for reuse (see README, "CPU memory")."""
+    _native.cpu_cache_release()
+
+
+def cache_info() -> dict:
+    """Bytes held by fastbn's CPU output pool, and its limit (FASTBN_CPU_CACHE_MB)."""
+    cached, limit = _native.cpu_cache_info()
+    return {"cached_bytes": cached, "limit_bytes": limit}

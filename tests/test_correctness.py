@@ -17,13 +17,14 @@ from helpers import (
 
 # Shapes chosen to reach every code path: C = 1, odd C, C below and above the
 # vector width, spatial sizes with and without vector tails, and sizes large
-# enough to be split into several parallel chunks. No channel has only two
+# enough to be split into several parallel chunks, or to leave the fused
+# channels-first path (channels over 1 MiB; see batch_norm_cpu.cpp). No channel has only two
 # values: there the exact grad_input is 0 and fp32 rounding, amplified by a
 # large invstd, is all that is left to compare.
 SHAPES = {
     2: [(7, 1), (5, 3), (16, 17), (64, 100)],
     3: [(3, 5, 7), (2, 3, 33), (4, 1, 50)],
-    4: [(4, 6, 5, 5), (5, 3, 1, 1), (3, 16, 7, 9), (40, 2, 64, 64)],
+    4: [(4, 6, 5, 5), (5, 3, 1, 1), (3, 16, 7, 9), (40, 2, 64, 64), (10, 4, 180, 180)],
     5: [(2, 3, 4, 5, 6), (2, 20, 3, 3, 3)],
 }
 CASES = [
@@ -184,11 +185,21 @@ def test_large_offset_statistics_are_accurate(device):
     assert var_err <= max(2 * torch_var_err, 1e-4), errors
 
 
-@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
-def test_results_do_not_depend_on_thread_count(fmt):
+@pytest.mark.parametrize(
+    "shape,fmt",
+    [
+        ((40, 6, 33, 31), "contiguous"),  # fused channels-first path
+        ((12, 3, 150, 150), "contiguous"),  # chunked channels-first path
+        ((40, 6, 33, 31), "channels_last"),
+        ((64, 100), "contiguous"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_results_do_not_depend_on_thread_count(shape, fmt, dtype):
     """Chunking depends on the shape only, so 1 and 2 threads give bitwise-equal results."""
-    x = make_input((40, 6, 33, 31), torch.float32, "cpu", fmt)
-    w, b, rm, rv = channel_params(6, torch.float32, "cpu")
+    x = make_input(shape, dtype, "cpu", fmt)
+    C = shape[1]
+    w, b, rm, rv = channel_params(C, torch.float32, "cpu")
     dy = torch.randn_like(x)
     outputs = []
     previous = torch.get_num_threads()

@@ -141,3 +141,23 @@ def test_eval_without_running_stats_uses_batch_statistics(device):
     ours = fastbn.BatchNorm2d(3, track_running_stats=False).to(device).eval()
     x = make_input((4, 3, 5, 5), torch.float32, device)
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_output_pool_reuses_and_releases_blocks():
+    """Large CPU outputs come from fastbn's pool: a freed output's block is
+    reused by the next one, outputs stay ordinary resizable tensors, and
+    empty_cache() frees the pool."""
+    fastbn.empty_cache()
+    x = torch.randn(8, 16, 64, 64)  # 2 MiB: pooled
+    y = fastbn.batch_norm(x, None, None, training=True)
+    ptr = y.data_ptr()
+    assert fastbn.cache_info()["cached_bytes"] == 0
+    del y
+    assert fastbn.cache_info()["cached_bytes"] > 0
+    y2 = fastbn.batch_norm(x, None, None, training=True)
+    assert y2.data_ptr() == ptr and fastbn.cache_info()["cached_bytes"] == 0
+    torch.testing.assert_close(y2, torch.nn.functional.batch_norm(x, None, None, training=True), rtol=1e-5, atol=1e-5)
+    y2.resize_(2 * y2.numel())  # the storage can grow like any other
+    del y2
+    fastbn.empty_cache()
+    assert fastbn.cache_info()["cached_bytes"] == 0

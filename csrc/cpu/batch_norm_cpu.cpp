@@ -11,6 +11,7 @@
 // partials are merged in chunk order: results do not depend on the number of
 // threads.
 #include "../batch_norm.h"
+#include "output_pool.h"
 #include "vec_utils.h"
 
 #include <ATen/Dispatch.h>
@@ -64,6 +65,26 @@ std::vector<acc_t> periodic(const acc_t* per_channel, int64_t C, int64_t K) {
 // they are lost; the shifted values are O(spread), where it can. The mean is
 // shifted back at the end; the variance does not change.
 
+// Statistics of channel c over the rows n0 <= n < n1 of a channels-first
+// tensor, accumulated on x - x[c, first]; the mean is shifted back unless
+// `shifted` (for partials that are merged first).
+template <typename scalar_t>
+WelfordStat<at::opmath_type<scalar_t>> channel_first_stats(
+    const scalar_t* x, const Geometry& g, int64_t c, int64_t n0, int64_t n1, bool shifted = false) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto shift = static_cast<acc_t>(x[c * g.S]);
+  const Vectorized<acc_t> shift_v(shift);
+  RowWelford<scalar_t> acc(g.S);
+  for (int64_t n = n0; n < n1; ++n) {
+    acc.add_row(x + (n * g.C + c) * g.S, shift_v);
+  }
+  WelfordStat<acc_t> result = acc.result();
+  if (!shifted) {
+    result.mean += shift;
+  }
+  return result;
+}
+
 template <typename scalar_t>
 void batch_stats_channels_first(
     const scalar_t* x, const Geometry& g, WelfordStat<at::opmath_type<scalar_t>>* out) {
@@ -76,12 +97,7 @@ void batch_stats_channels_first(
       const int64_t c = item / chunks;
       const int64_t n0 = (item % chunks) * rpc;
       const int64_t n1 = std::min(g.N, n0 + rpc);
-      const auto shift = static_cast<acc_t>(x[c * g.S]);
-      RowWelford<scalar_t> acc;
-      for (int64_t n = n0; n < n1; ++n) {
-        acc.add_row(x + (n * g.C + c) * g.S, g.S, Vectorized<acc_t>(shift));
-      }
-      partial[item] = acc.result();
+      partial[item] = channel_first_stats(x, g, c, n0, n1, /*shifted=*/true);
     }
   });
   for (int64_t c = 0; c < g.C; ++c) {
@@ -92,6 +108,47 @@ void batch_stats_channels_first(
     s.mean += static_cast<acc_t>(x[c * g.S]);
     out[c] = s;
   }
+}
+
+// Chan merge of (n_b, mean_b[K], m2_b[K]) into (n_a, mean_a[K], m2_a[K]), where
+// every position of a side has the same count: one vectorised pass.
+template <typename acc_t>
+void merge_positions(
+    int64_t& n_a, acc_t* mean_a, acc_t* m2_a, int64_t n_b, const acc_t* mean_b, const acc_t* m2_b,
+    int64_t K) {
+  using aVec = Vectorized<acc_t>;
+  if (n_b == 0) {
+    return;
+  }
+  if (n_a == 0) {
+    std::copy(mean_b, mean_b + K, mean_a);
+    std::copy(m2_b, m2_b + K, m2_a);
+    n_a = n_b;
+    return;
+  }
+  const acc_t frac = static_cast<acc_t>(n_b) / static_cast<acc_t>(n_a + n_b);
+  const acc_t weight = static_cast<acc_t>(n_a) * frac;
+  int64_t p = 0;
+  for (; p + aVec::size() <= K; p += aVec::size()) {
+    const aVec ma = aVec::loadu(mean_a + p);
+    const aVec delta = aVec::loadu(mean_b + p) - ma;
+    at::vec::fmadd(delta, aVec(frac), ma).store(mean_a + p);
+    const aVec m2 = aVec::loadu(m2_a + p) + aVec::loadu(m2_b + p);
+    at::vec::fmadd(delta * delta, aVec(weight), m2).store(m2_a + p);
+  }
+  for (; p < K; ++p) {
+    const acc_t delta = mean_b[p] - mean_a[p];
+    mean_a[p] += delta * frac;
+    m2_a[p] += m2_b[p] + delta * delta * weight;
+  }
+  n_a += n_b;
+}
+
+// Periods per parallel chunk for channels-last reductions: about
+// kChunkValues values, and at least 64 periods so that the per-chunk
+// partials (K values each) stay small next to the data.
+int64_t periods_per_chunk(int64_t K) {
+  return std::max<int64_t>(64, rows_per_chunk(K));
 }
 
 template <typename scalar_t>
@@ -105,21 +162,20 @@ void batch_stats_channels_last(
   const int64_t K = channels_last_period<scalar_t>(C, total);
   const int64_t K_vec = K - K % IO::kStep;  // positions updated by vectors
   const int64_t periods = total / K;
-  const int64_t ppc = rows_per_chunk(K);
+  const int64_t ppc = periods_per_chunk(K);
   const int64_t chunks = (periods + ppc - 1) / ppc;
-  // One extra partial for the values after the last whole period.
-  Stats<acc_t> partial((chunks + 1) * C);
   std::vector<acc_t> shift(C);
   for (int64_t c = 0; c < C; ++c) {
     shift[c] = static_cast<acc_t>(x[c]);
   }
   const std::vector<acc_t> shift_p = periodic<acc_t, IO::kStep>(shift.data(), C, K);
+  // Per chunk: Welford state of every position of the period.
+  std::vector<acc_t> part_mean(chunks * K, acc_t(0)), part_m2(chunks * K, acc_t(0));
 
   parallel_items(chunks, ppc * K, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> mean(K), m2(K);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      std::fill(mean.begin(), mean.end(), acc_t(0));
-      std::fill(m2.begin(), m2.end(), acc_t(0));
+      acc_t* mean = part_mean.data() + chunk * K;
+      acc_t* m2 = part_m2.data() + chunk * K;
       const int64_t p0 = chunk * ppc;
       const int64_t p1 = std::min(periods, p0 + ppc);
       int64_t n = 0;
@@ -133,14 +189,14 @@ void batch_stats_channels_last(
           IO::load(row + j, v);
           for (int k = 0; k < IO::kVecs; ++k) {
             const int64_t off = j + k * IO::kAccLanes;
-            v[k] = v[k] - aVec::loadu(shift_p.data() + off);
-            aVec m = aVec::loadu(mean.data() + off);
-            aVec q = aVec::loadu(m2.data() + off);
-            const aVec d = v[k] - m;
+            const aVec vs = v[k] - aVec::loadu(shift_p.data() + off);
+            aVec m = aVec::loadu(mean + off);
+            aVec q = aVec::loadu(m2 + off);
+            const aVec d = vs - m;
             m = at::vec::fmadd(d, gain, m);
-            q = at::vec::fmadd(d, v[k] - m, q);
-            m.store(mean.data() + off);
-            q.store(m2.data() + off);
+            q = at::vec::fmadd(d, vs - m, q);
+            m.store(mean + off);
+            q.store(m2 + off);
           }
         }
         for (int64_t j = K_vec; j < K; ++j) {
@@ -150,29 +206,80 @@ void batch_stats_channels_last(
           m2[j] += d * (v - mean[j]);
         }
       }
-      WelfordStat<acc_t>* chan = partial.data() + chunk * C;
-      for (int64_t j = 0; j < K; ++j) {
-        chan[j % C].merge(WelfordStat<acc_t>{n, mean[j], m2[j]});
-      }
     }
   });
-  WelfordStat<acc_t>* rest = partial.data() + chunks * C;
-  for (int64_t i = periods * K; i < total; ++i) {
-    rest[i % C].add(static_cast<acc_t>(x[i]) - shift[i % C]);
+  // Merge the chunks in order, then fold positions into channels.
+  std::vector<acc_t> mean(K, acc_t(0)), m2(K, acc_t(0));
+  int64_t n = 0;
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int64_t count = std::min(periods, (chunk + 1) * ppc) - chunk * ppc;
+    merge_positions(n, mean.data(), m2.data(), count, part_mean.data() + chunk * K,
+                    part_m2.data() + chunk * K, K);
+  }
+  std::vector<WelfordStat<acc_t>> stats(C);
+  for (int64_t p = 0; p < K; ++p) {
+    stats[p % C].merge(WelfordStat<acc_t>{n, mean[p], m2[p]});
+  }
+  for (int64_t i = periods * K; i < total; ++i) {  // after the last whole period
+    stats[i % C].merge(WelfordStat<acc_t>{1, static_cast<acc_t>(x[i]) - shift[i % C], acc_t(0)});
   }
   for (int64_t c = 0; c < C; ++c) {
-    WelfordStat<acc_t> s;
-    for (int64_t k = 0; k <= chunks; ++k) {
-      s.merge(partial[k * C + c]);
-    }
-    s.mean += shift[c];
-    out[c] = s;
+    stats[c].mean += shift[c];
+    out[c] = stats[c];
   }
 }
 
 // ---------------------------------------------------------------------------
 // Per-channel sums for the backward: sum(dy) and sum(dy * (x - mean))
 // ---------------------------------------------------------------------------
+
+// The two sums over channels-first rows of one channel.
+template <typename scalar_t>
+struct GradSumsAcc {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using aVec = typename IO::aVec;
+
+  explicit GradSumsAcc(acc_t mean) : mean_(mean) {
+    for (int k = 0; k < IO::kVecs; ++k) {
+      dy_[k] = dy_xmu_[k] = aVec(acc_t(0));
+    }
+  }
+
+  inline void add_row(const scalar_t* dy, const scalar_t* x, int64_t len) {
+    for (int64_t s = 0; s < len; s += IO::kStep) {
+      const int64_t n = std::min<int64_t>(IO::kStep, len - s);
+      aVec vdy[IO::kVecs], vx[IO::kVecs];
+      if (n == IO::kStep) {
+        IO::load(dy + s, vdy);
+        IO::load(x + s, vx);
+      } else {
+        // Zero-filled lanes: dy = 0 adds nothing to either sum.
+        IO::load_partial(dy + s, n, vdy);
+        IO::load_partial(x + s, n, vx);
+      }
+      for (int k = 0; k < IO::kVecs; ++k) {
+        dy_[k] = dy_[k] + vdy[k];
+        dy_xmu_[k] = at::vec::fmadd(vdy[k], vx[k] - mean_, dy_xmu_[k]);
+      }
+    }
+  }
+
+  // (sum(dy), sum(dy * (x - mean)))
+  std::pair<acc_t, acc_t> result() const {
+    aVec a = dy_[0], b = dy_xmu_[0];
+    for (int k = 1; k < IO::kVecs; ++k) {
+      a = a + dy_[k];
+      b = b + dy_xmu_[k];
+    }
+    const auto add = [](aVec& u, aVec& v) { return u + v; };
+    return {at::vec::vec_reduce_all<acc_t>(add, a), at::vec::vec_reduce_all<acc_t>(add, b)};
+  }
+
+ private:
+  aVec mean_;
+  aVec dy_[IO::kVecs], dy_xmu_[IO::kVecs];
+};
 
 template <typename scalar_t>
 void grad_sums_channels_first(
@@ -190,39 +297,12 @@ void grad_sums_channels_first(
       const int64_t c = item / chunks;
       const int64_t n0 = (item % chunks) * rpc;
       const int64_t n1 = std::min(g.N, n0 + rpc);
-      const aVec m(mean[c]);
-      aVec acc_dy[IO::kVecs], acc_dy_xmu[IO::kVecs];
-      for (int k = 0; k < IO::kVecs; ++k) {
-        acc_dy[k] = aVec(acc_t(0));
-        acc_dy_xmu[k] = aVec(acc_t(0));
-      }
+      GradSumsAcc<scalar_t> acc(mean[c]);
       for (int64_t n = n0; n < n1; ++n) {
         const int64_t base = (n * g.C + c) * g.S;
-        for (int64_t s = 0; s < g.S; s += IO::kStep) {
-          const int64_t len = std::min<int64_t>(IO::kStep, g.S - s);
-          aVec vdy[IO::kVecs], vx[IO::kVecs];
-          if (len == IO::kStep) {
-            IO::load(dy + base + s, vdy);
-            IO::load(x + base + s, vx);
-          } else {
-            // Zero-filled lanes: dy = 0 adds nothing to either sum.
-            IO::load_partial(dy + base + s, len, vdy);
-            IO::load_partial(x + base + s, len, vx);
-          }
-          for (int k = 0; k < IO::kVecs; ++k) {
-            acc_dy[k] = acc_dy[k] + vdy[k];
-            acc_dy_xmu[k] = at::vec::fmadd(vdy[k], vx[k] - m, acc_dy_xmu[k]);
-          }
-        }
+        acc.add_row(dy + base, x + base, g.S);
       }
-      for (int k = 1; k < IO::kVecs; ++k) {
-        acc_dy[0] = acc_dy[0] + acc_dy[k];
-        acc_dy_xmu[0] = acc_dy_xmu[0] + acc_dy_xmu[k];
-      }
-      part_dy[item] = at::vec::vec_reduce_all<acc_t>(
-          [](aVec& a, aVec& b) { return a + b; }, acc_dy[0]);
-      part_dy_xmu[item] = at::vec::vec_reduce_all<acc_t>(
-          [](aVec& a, aVec& b) { return a + b; }, acc_dy_xmu[0]);
+      std::tie(part_dy[item], part_dy_xmu[item]) = acc.result();
     }
   });
   for (int64_t c = 0; c < g.C; ++c) {
@@ -248,7 +328,7 @@ void grad_sums_channels_last(
   const int64_t total = g.numel();
   const int64_t K = channels_last_period<scalar_t>(C, total);
   const int64_t periods = (total + K - 1) / K;  // the last one may be partial
-  const int64_t ppc = rows_per_chunk(K);
+  const int64_t ppc = periods_per_chunk(K);
   const int64_t chunks = (periods + ppc - 1) / ppc;
   const std::vector<acc_t> mean_p = periodic<acc_t, IO::kStep>(mean, C, K);
   std::vector<acc_t> part_dy(chunks * C, acc_t(0)), part_dy_xmu(chunks * C, acc_t(0));
@@ -308,8 +388,66 @@ void grad_sums_channels_last(
 // Elementwise: out = f(inputs..., per-channel parameters...)
 // ---------------------------------------------------------------------------
 
-// `op(const aVec (&in)[kIn], const aVec (&param)[kParams]) -> aVec` is applied
-// to every element; `params[i]` holds one value per channel.
+// Applies `op(const aVec (&in)[kIn], const aVec (&param)[kParams]) -> aVec`
+// to the `len` values starting at `base`; `param_at(offset within the run,
+// aVec (&param)[kParams])` supplies the parameter vectors.
+template <typename scalar_t, int kIn, int kParams, typename ParamAt, typename Op>
+inline void map_run(
+    const scalar_t* const (&in)[kIn], scalar_t* out, int64_t base, int64_t len,
+    const ParamAt& param_at, const Op& op) {
+  using IO = VecIO<scalar_t>;
+  using aVec = typename IO::aVec;
+  for (int64_t j = 0; j < len; j += IO::kStep) {
+    const int64_t n = std::min<int64_t>(IO::kStep, len - j);
+    aVec v[kIn][IO::kVecs];
+    for (int i = 0; i < kIn; ++i) {
+      if (n == IO::kStep) {
+        IO::load(in[i] + base + j, v[i]);
+      } else {
+        IO::load_partial(in[i] + base + j, n, v[i]);
+      }
+    }
+    aVec result[IO::kVecs];
+    for (int k = 0; k < IO::kVecs; ++k) {
+      aVec args[kIn];
+      for (int i = 0; i < kIn; ++i) {
+        args[i] = v[i][k];
+      }
+      aVec prm[kParams];
+      param_at(j + k * IO::kAccLanes, prm);
+      result[k] = op(args, prm);
+    }
+    if (n == IO::kStep) {
+      IO::store(out + base + j, result);
+    } else {
+      IO::store_partial(out + base + j, n, result);
+    }
+  }
+}
+
+// map_run over one channels-first row, whose parameters are the same for all
+// its values.
+template <typename scalar_t, int kIn, int kParams, typename Op>
+inline void map_row(
+    const scalar_t* const (&in)[kIn], scalar_t* out, int64_t base, int64_t len,
+    const at::opmath_type<scalar_t> (&values)[kParams], const Op& op) {
+  using aVec = Vectorized<at::opmath_type<scalar_t>>;
+  aVec broadcast[kParams];
+  for (int i = 0; i < kParams; ++i) {
+    broadcast[i] = aVec(values[i]);
+  }
+  map_run<scalar_t, kIn, kParams>(
+      in, out, base, len,
+      [&](int64_t, aVec (&prm)[kParams]) {
+        for (int i = 0; i < kParams; ++i) {
+          prm[i] = broadcast[i];
+        }
+      },
+      op);
+}
+
+// out = op(inputs..., per-channel parameters...) over the whole tensor;
+// `params[i]` holds one value per channel.
 template <typename scalar_t, int kIn, int kParams, typename Op>
 void channel_map(
     const Geometry& g, const scalar_t* const (&in)[kIn], scalar_t* out,
@@ -318,51 +456,16 @@ void channel_map(
   using acc_t = typename IO::acc_t;
   using aVec = typename IO::aVec;
 
-  // Processes `len` values starting at `base`, whose parameter vectors are
-  // read from `param_at(offset within the run)`.
-  auto run = [&](int64_t base, int64_t len, auto&& param_at) {
-    for (int64_t j = 0; j < len; j += IO::kStep) {
-      const int64_t n = std::min<int64_t>(IO::kStep, len - j);
-      aVec v[kIn][IO::kVecs];
-      for (int i = 0; i < kIn; ++i) {
-        if (n == IO::kStep) {
-          IO::load(in[i] + base + j, v[i]);
-        } else {
-          IO::load_partial(in[i] + base + j, n, v[i]);
-        }
-      }
-      aVec result[IO::kVecs];
-      for (int k = 0; k < IO::kVecs; ++k) {
-        aVec args[kIn];
-        for (int i = 0; i < kIn; ++i) {
-          args[i] = v[i][k];
-        }
-        aVec prm[kParams];
-        param_at(j + k * IO::kAccLanes, prm);
-        result[k] = op(args, prm);
-      }
-      if (n == IO::kStep) {
-        IO::store(out + base + j, result);
-      } else {
-        IO::store_partial(out + base + j, n, result);
-      }
-    }
-  };
-
   if (!g.channels_last()) {
     const int64_t rows = g.N * g.C;
     parallel_items(rows, g.S, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t c = r % g.C;
-        aVec broadcast[kParams];
+        acc_t values[kParams];
         for (int i = 0; i < kParams; ++i) {
-          broadcast[i] = aVec(params[i][c]);
+          values[i] = params[i][c];
         }
-        run(r * g.S, g.S, [&](int64_t, aVec (&prm)[kParams]) {
-          for (int i = 0; i < kParams; ++i) {
-            prm[i] = broadcast[i];
-          }
-        });
+        map_row<scalar_t, kIn, kParams>(in, out, r * g.S, g.S, values, op);
       }
     });
     return;
@@ -377,18 +480,69 @@ void channel_map(
   }
   parallel_items(periods, K, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      run(p * K, std::min(K, total - p * K), [&](int64_t off, aVec (&prm)[kParams]) {
-        for (int i = 0; i < kParams; ++i) {
-          prm[i] = aVec::loadu(periodic_params[i].data() + off);
-        }
-      });
+      map_run<scalar_t, kIn, kParams>(
+          in, out, p * K, std::min(K, total - p * K),
+          [&](int64_t off, aVec (&prm)[kParams]) {
+            for (int i = 0; i < kParams; ++i) {
+              prm[i] = aVec::loadu(periodic_params[i].data() + off);
+            }
+          },
+          op);
     }
   });
+}
+
+// The elementwise formulas, in the form channel_map / map_row apply them.
+
+// y = (x - mean) * scale + bias; params {mean, scale, bias}. Subtracting first
+// keeps inputs with a large offset accurate, unlike x * scale + (bias - mean * scale).
+struct Normalize {
+  template <typename V>
+  V operator()(const V (&v)[1], const V (&p)[3]) const {
+    return at::vec::fmadd(v[0] - p[0], p[1], p[2]);
+  }
+};
+
+// Training: dx = (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean))) * invstd * w
+// inputs {dy, x}; params {mean, mean(dy), invstd^2 * mean(dy * (x - mean)), invstd * w}.
+struct GradInputTrain {
+  template <typename V>
+  V operator()(const V (&v)[2], const V (&p)[4]) const {
+    return (v[0] - at::vec::fmadd(v[1] - p[0], p[2], p[1])) * p[3];
+  }
+};
+
+// Evaluation: dx = dy * invstd * w; inputs {dy}; params {invstd * w}.
+struct GradInputEval {
+  template <typename V>
+  V operator()(const V (&v)[1], const V (&p)[1]) const {
+    return v[0] * p[0];
+  }
+};
+
+// Channels-first tensors whose channels hold at most this many bytes (of the
+// inputs read) take the fused path: one task per channel reduces the channel
+// and transforms it right away, while its values are still in the core's
+// cache, so the inputs are read from memory once instead of twice. The rule
+// depends on the shape only, so results do not depend on the thread count.
+constexpr int64_t kFusedChannelBytes = int64_t(1) << 20;
+constexpr int64_t kFusedMinChannels = 4;  // below this, too few tasks to share
+
+bool use_fused_channels(const Geometry& g, int64_t bytes_per_position) {
+  return !g.channels_last() && g.C >= kFusedMinChannels &&
+      g.N * g.S * bytes_per_position <= kFusedChannelBytes;
 }
 
 // ---------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------
+
+// Output allocation from the pool (see output_pool.h).
+auto pooled_like(const Tensor& input) {
+  return [dtype = input.scalar_type()](at::IntArrayRef sizes, at::IntArrayRef strides) {
+    return empty_pooled(sizes, strides, dtype);
+  };
+}
 
 // Copies a per-channel tensor (any float dtype, any stride) into acc_t values;
 // `fill` when the tensor is absent.
@@ -447,36 +601,49 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
   }
   const Tensor x = to_walkable(input);
   const Geometry g = geometry_of(x, *direct_layout(x));
-  OutputLike out(input, x);
+  OutputLike out(input, x, pooled_like(input));
   Tensor save_mean = at::empty({C}, stat_options);
   Tensor save_invstd = at::empty({C}, stat_options);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastbn_train_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-    std::vector<WelfordStat<acc_t>> stats(C);
-    if (g.channels_last()) {
-      batch_stats_channels_last(x_ptr, g, stats.data());
-    } else {
-      batch_stats_channels_first(x_ptr, g, stats.data());
-    }
+    scalar_t* y_ptr = out.buffer.mutable_data_ptr<scalar_t>();
     const int64_t n = g.reduce_size();
-    std::vector<acc_t> mean(C), invstd(C), scale(C), unbiased(C);
     const std::vector<acc_t> w = channel_values<acc_t>(get_if_defined(weight), C, acc_t(1));
     const std::vector<acc_t> b = channel_values<acc_t>(get_if_defined(bias), C, acc_t(0));
-    for (int64_t c = 0; c < C; ++c) {
-      mean[c] = stats[c].mean;
-      const acc_t var = stats[c].m2 / static_cast<acc_t>(n);
-      invstd[c] = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
-      scale[c] = invstd[c] * w[c];
-      unbiased[c] = stats[c].m2 / static_cast<acc_t>(n - 1);
-    }
+    std::vector<acc_t> mean(C), invstd(C), unbiased(C);
+    const auto finish_channel = [&](int64_t c, const WelfordStat<acc_t>& stat) {
+      mean[c] = stat.mean;
+      invstd[c] = acc_t(1) / std::sqrt(stat.m2 / static_cast<acc_t>(n) + static_cast<acc_t>(eps));
+      unbiased[c] = stat.m2 / static_cast<acc_t>(n - 1);
+    };
     const scalar_t* in[1] = {x_ptr};
-    const acc_t* prm[3] = {mean.data(), scale.data(), b.data()};
-    using aVec = Vectorized<acc_t>;
-    channel_map<scalar_t, 1, 3>(
-        g, in, out.buffer.mutable_data_ptr<scalar_t>(), prm,
-        [](const aVec (&v)[1], const aVec (&p)[3]) { return at::vec::fmadd(v[0] - p[0], p[1], p[2]); });
+    if (use_fused_channels(g, sizeof(scalar_t))) {
+      parallel_items(C, n, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          finish_channel(c, channel_first_stats(x_ptr, g, c, 0, g.N));
+          const acc_t values[3] = {mean[c], invstd[c] * w[c], b[c]};
+          for (int64_t i = 0; i < g.N; ++i) {
+            map_row<scalar_t, 1, 3>(in, y_ptr, (i * C + c) * g.S, g.S, values, Normalize{});
+          }
+        }
+      });
+    } else {
+      std::vector<WelfordStat<acc_t>> stats(C);
+      if (g.channels_last()) {
+        batch_stats_channels_last(x_ptr, g, stats.data());
+      } else {
+        batch_stats_channels_first(x_ptr, g, stats.data());
+      }
+      std::vector<acc_t> scale(C);
+      for (int64_t c = 0; c < C; ++c) {
+        finish_channel(c, stats[c]);
+        scale[c] = invstd[c] * w[c];
+      }
+      const acc_t* prm[3] = {mean.data(), scale.data(), b.data()};
+      channel_map<scalar_t, 1, 3>(g, in, y_ptr, prm, Normalize{});
+    }
     write_channel_values(save_mean, mean);
     write_channel_values(save_invstd, invstd);
     if (rm != nullptr) {
@@ -497,11 +664,10 @@ Tensor batch_norm_eval_cpu(
   }
   const Tensor x = to_walkable(input);
   const Geometry g = geometry_of(x, *direct_layout(x));
-  OutputLike out(input, x);
+  OutputLike out(input, x, pooled_like(input));
   const int64_t C = g.C;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastbn_eval_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    using aVec = Vectorized<acc_t>;
     const std::vector<acc_t> mean = channel_values<acc_t>(&running_mean, C, acc_t(0));
     std::vector<acc_t> scale = channel_values<acc_t>(&running_var, C, acc_t(0));
     const std::vector<acc_t> w = channel_values<acc_t>(get_if_defined(weight), C, acc_t(1));
@@ -511,11 +677,7 @@ Tensor batch_norm_eval_cpu(
     }
     const scalar_t* in[1] = {x.const_data_ptr<scalar_t>()};
     const acc_t* prm[3] = {mean.data(), scale.data(), b.data()};
-    // (x - mean) * scale + bias: subtracting first keeps inputs with a large
-    // offset accurate, unlike x * scale + (bias - mean * scale).
-    channel_map<scalar_t, 1, 3>(
-        g, in, out.buffer.mutable_data_ptr<scalar_t>(), prm,
-        [](const aVec (&v)[1], const aVec (&p)[3]) { return at::vec::fmadd(v[0] - p[0], p[1], p[2]); });
+    channel_map<scalar_t, 1, 3>(g, in, out.buffer.mutable_data_ptr<scalar_t>(), prm, Normalize{});
   });
   out.finish();
   return out.result;
@@ -540,19 +702,83 @@ std::tuple<OptTensor, OptTensor, OptTensor> batch_norm_backward_cpu(
   const Geometry g = geometry_of(x, *direct_layout(x));
   const bool need_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]);
 
+  std::optional<OutputLike> out;
+  if (output_mask[0]) {
+    out.emplace(input, x, pooled_like(input));
+  }
+
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastbn_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    using aVec = Vectorized<acc_t>;
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
     const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
+    scalar_t* dx_ptr = out ? out->buffer.mutable_data_ptr<scalar_t>() : nullptr;
     const std::vector<acc_t> mu = channel_values<acc_t>(&mean, C, acc_t(0));
     const std::vector<acc_t> inv = channel_values<acc_t>(&invstd, C, acc_t(0));
+    const std::vector<acc_t> w = channel_values<acc_t>(get_if_defined(weight), C, acc_t(1));
+    const acc_t inv_n = acc_t(1) / static_cast<acc_t>(g.reduce_size());
     std::vector<acc_t> sum_dy(C, acc_t(0)), sum_dy_xmu(C, acc_t(0));
-    if (need_sums) {
-      if (g.channels_last()) {
-        grad_sums_channels_last(dy_ptr, x_ptr, g, mu.data(), sum_dy.data(), sum_dy_xmu.data());
-      } else {
-        grad_sums_channels_first(dy_ptr, x_ptr, g, mu.data(), sum_dy.data(), sum_dy_xmu.data());
+    // grad_input's per-channel parameters (see GradInputTrain / GradInputEval).
+    const auto train_params = [&](int64_t c, acc_t (&p)[4]) {
+      p[0] = mu[c];
+      p[1] = sum_dy[c] * inv_n;
+      p[2] = inv[c] * inv[c] * sum_dy_xmu[c] * inv_n;
+      p[3] = inv[c] * w[c];
+    };
+    const scalar_t* in_train[2] = {dy_ptr, x_ptr};
+    const scalar_t* in_eval[1] = {dy_ptr};
+
+    if (need_sums && use_fused_channels(g, 2 * sizeof(scalar_t))) {
+      parallel_items(C, 2 * g.reduce_size(), [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          GradSumsAcc<scalar_t> acc(mu[c]);
+          for (int64_t i = 0; i < g.N; ++i) {
+            const int64_t base = (i * C + c) * g.S;
+            acc.add_row(dy_ptr + base, x_ptr + base, g.S);
+          }
+          std::tie(sum_dy[c], sum_dy_xmu[c]) = acc.result();
+          if (dx_ptr == nullptr) {
+            continue;
+          }
+          acc_t p[4];
+          train_params(c, p);
+          const acc_t p_eval[1] = {p[3]};
+          for (int64_t i = 0; i < g.N; ++i) {
+            const int64_t base = (i * C + c) * g.S;
+            if (training) {
+              map_row<scalar_t, 2, 4>(in_train, dx_ptr, base, g.S, p, GradInputTrain{});
+            } else {
+              map_row<scalar_t, 1, 1>(in_eval, dx_ptr, base, g.S, p_eval, GradInputEval{});
+            }
+          }
+        }
+      });
+    } else {
+      if (need_sums) {
+        if (g.channels_last()) {
+          grad_sums_channels_last(dy_ptr, x_ptr, g, mu.data(), sum_dy.data(), sum_dy_xmu.data());
+        } else {
+          grad_sums_channels_first(dy_ptr, x_ptr, g, mu.data(), sum_dy.data(), sum_dy_xmu.data());
+        }
+      }
+      if (dx_ptr != nullptr) {
+        std::vector<acc_t> columns[4];
+        for (auto& column : columns) {
+          column.resize(C);
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t p[4];
+          train_params(c, p);
+          for (int k = 0; k < 4; ++k) {
+            columns[k][c] = p[k];
+          }
+        }
+        if (training) {
+          const acc_t* prm[4] = {columns[0].data(), columns[1].data(), columns[2].data(), columns[3].data()};
+          channel_map<scalar_t, 2, 4>(g, in_train, dx_ptr, prm, GradInputTrain{});
+        } else {
+          const acc_t* prm[1] = {columns[3].data()};
+          channel_map<scalar_t, 1, 1>(g, in_eval, dx_ptr, prm, GradInputEval{});
+        }
       }
     }
     if (output_mask[1]) {
@@ -565,37 +791,11 @@ std::tuple<OptTensor, OptTensor, OptTensor> batch_norm_backward_cpu(
       grad_bias = at::empty({C}, param_options);
       write_channel_values(*grad_bias, sum_dy);
     }
-    if (!output_mask[0]) {
-      return;
-    }
-    const std::vector<acc_t> w = channel_values<acc_t>(get_if_defined(weight), C, acc_t(1));
-    std::vector<acc_t> scale(C);
-    for (int64_t c = 0; c < C; ++c) scale[c] = inv[c] * w[c];
-    OutputLike out(input, x);
-    scalar_t* dx_ptr = out.buffer.mutable_data_ptr<scalar_t>();
-    if (training) {
-      // dx = (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean))) * invstd * w
-      const acc_t inv_n = acc_t(1) / static_cast<acc_t>(g.reduce_size());
-      std::vector<acc_t> mean_dy(C), proj(C);
-      for (int64_t c = 0; c < C; ++c) {
-        mean_dy[c] = sum_dy[c] * inv_n;
-        proj[c] = inv[c] * inv[c] * sum_dy_xmu[c] * inv_n;
-      }
-      const scalar_t* in[2] = {dy_ptr, x_ptr};
-      const acc_t* prm[4] = {mu.data(), mean_dy.data(), proj.data(), scale.data()};
-      channel_map<scalar_t, 2, 4>(
-          g, in, dx_ptr, prm, [](const aVec (&v)[2], const aVec (&p)[4]) {
-            return (v[0] - at::vec::fmadd(v[1] - p[0], p[2], p[1])) * p[3];
-          });
-    } else {
-      const scalar_t* in[1] = {dy_ptr};
-      const acc_t* prm[1] = {scale.data()};
-      channel_map<scalar_t, 1, 1>(
-          g, in, dx_ptr, prm, [](const aVec (&v)[1], const aVec (&p)[1]) { return v[0] * p[0]; });
-    }
-    out.finish();
-    grad_input = out.result;
   });
+  if (out) {
+    out->finish();
+    grad_input = out->result;
+  }
   return {grad_input, grad_weight, grad_bias};
 }
 

@@ -92,11 +92,12 @@ struct WelfordStat {
   }
 };
 
-// Merges the lanes of a vector accumulator whose lanes all saw `n` values.
+// Merges the first `lanes` lanes of a vector accumulator whose lanes all saw
+// `n` values.
 template <typename acc_t>
 inline void merge_lanes(
     WelfordStat<acc_t>& into, int64_t n, const Vectorized<acc_t>& mean,
-    const Vectorized<acc_t>& m2) {
+    const Vectorized<acc_t>& m2, int64_t lanes) {
   if (n == 0) {
     return;
   }
@@ -105,15 +106,18 @@ inline void merge_lanes(
   acc_t m2s[L];
   mean.store(means);
   m2.store(m2s);
-  for (int64_t l = 0; l < L; ++l) {
+  for (int64_t l = 0; l < lanes; ++l) {
     into.merge(WelfordStat<acc_t>{n, means[l], m2s[l]});
   }
 }
 
-// Welford over rows of contiguous values that all belong to one channel
-// (the channels-first layout). Full rounds update kAcc independent vector
-// accumulators that share one count, so one reciprocal serves a round; the
-// remainder of each row goes to a tail accumulator with per-lane counts.
+// Welford over rows of `len` contiguous values that all belong to one channel
+// (the channels-first layout). Each row is cut the same way: full rounds of
+// kAcc vectors, then a tail of up to kAcc vectors whose last one may be
+// partial. Round accumulators share one count (rounds so far), tail slots
+// another (rows so far), so one scalar reciprocal serves a whole round or
+// tail. Lanes of a partial vector past the row's end accumulate garbage and
+// are left out when the lanes are merged.
 template <typename scalar_t>
 struct RowWelford {
   using IO = VecIO<scalar_t>;
@@ -123,89 +127,71 @@ struct RowWelford {
   static constexpr int kStepsPerRound = kAcc / IO::kVecs;
   static constexpr int64_t kRound = kStepsPerRound * IO::kStep;
 
-  aVec mean[kAcc];
-  aVec m2[kAcc];
-  int64_t rounds = 0;
-  aVec tail_mean{acc_t(0)};
-  aVec tail_m2{acc_t(0)};
-  aVec tail_n{acc_t(0)};
-
-  RowWelford() {
+  explicit RowWelford(int64_t len) : len_(len) {
     for (int j = 0; j < kAcc; ++j) {
-      mean[j] = aVec(acc_t(0));
-      m2[j] = aVec(acc_t(0));
+      mean_[j] = m2_[j] = tail_mean_[j] = tail_m2_[j] = aVec(acc_t(0));
     }
   }
 
-  inline void add_tail(const aVec& x, const aVec& active) {
-    tail_n = tail_n + active;
-    const aVec gain = active / at::vec::maximum(tail_n, aVec(acc_t(1)));
-    const aVec d = x - tail_mean;
-    tail_mean = at::vec::fmadd(d, gain, tail_mean);
-    tail_m2 = at::vec::fmadd(d * active, x - tail_mean, tail_m2);
+  static inline void update(aVec& mean, aVec& m2, const aVec& v, const aVec& gain) {
+    const aVec d = v - mean;
+    mean = at::vec::fmadd(d, gain, mean);
+    m2 = at::vec::fmadd(d, v - mean, m2);
   }
 
-  // Accumulates x - shift (see batch_stats_* for why).
-  inline void add_row(const scalar_t* p, int64_t len, const aVec& shift) {
+  // Accumulates the row's values minus `shift` (see batch_stats_* for why).
+  inline void add_row(const scalar_t* p, const aVec& shift) {
     int64_t i = 0;
-    for (; i + kRound <= len; i += kRound) {
-      ++rounds;
-      const aVec gain(acc_t(1) / static_cast<acc_t>(rounds));
+    for (; i + kRound <= len_; i += kRound) {
+      ++rounds_;
+      const aVec gain(acc_t(1) / static_cast<acc_t>(rounds_));
       for (int s = 0; s < kStepsPerRound; ++s) {
         aVec v[IO::kVecs];
         IO::load(p + i + s * IO::kStep, v);
         for (int k = 0; k < IO::kVecs; ++k) {
           const int j = s * IO::kVecs + k;
-          v[k] = v[k] - shift;
-          const aVec d = v[k] - mean[j];
-          mean[j] = at::vec::fmadd(d, gain, mean[j]);
-          m2[j] = at::vec::fmadd(d, v[k] - mean[j], m2[j]);
+          update(mean_[j], m2_[j], v[k] - shift, gain);
         }
       }
     }
-    for (; i < len; i += IO::kStep) {
-      const int64_t n = std::min<int64_t>(IO::kStep, len - i);
+    if (i == len_) {
+      return;
+    }
+    ++rows_;
+    const aVec gain(acc_t(1) / static_cast<acc_t>(rows_));
+    for (int s = 0; i < len_; ++s, i += IO::kStep) {
       aVec v[IO::kVecs];
-      if (n == IO::kStep) {
+      if (i + IO::kStep <= len_) {
         IO::load(p + i, v);
       } else {
-        IO::load_partial(p + i, n, v);
+        IO::load_partial(p + i, len_ - i, v);
       }
       for (int k = 0; k < IO::kVecs; ++k) {
-        const int64_t lanes = std::clamp<int64_t>(n - k * IO::kAccLanes, 0, IO::kAccLanes);
-        add_tail(v[k] - shift, lane_mask(lanes));
+        const int j = s * IO::kVecs + k;
+        update(tail_mean_[j], tail_m2_[j], v[k] - shift, gain);
       }
     }
-  }
-
-  // 1 in the first `lanes` lanes, 0 elsewhere.
-  static inline aVec lane_mask(int64_t lanes) {
-    if (lanes == IO::kAccLanes) {
-      return aVec(acc_t(1));
-    }
-    alignas(64) acc_t m[IO::kAccLanes];
-    for (int64_t l = 0; l < IO::kAccLanes; ++l) {
-      m[l] = l < lanes ? acc_t(1) : acc_t(0);
-    }
-    return aVec::loadu(m);
   }
 
   WelfordStat<acc_t> result() const {
     WelfordStat<acc_t> out;
     for (int j = 0; j < kAcc; ++j) {
-      merge_lanes(out, rounds, mean[j], m2[j]);
+      merge_lanes(out, rounds_, mean_[j], m2_[j], IO::kAccLanes);
     }
-    acc_t ns[IO::kAccLanes];
-    acc_t means[IO::kAccLanes];
-    acc_t m2s[IO::kAccLanes];
-    tail_n.store(ns);
-    tail_mean.store(means);
-    tail_m2.store(m2s);
-    for (int64_t l = 0; l < IO::kAccLanes; ++l) {
-      out.merge(WelfordStat<acc_t>{static_cast<int64_t>(ns[l]), means[l], m2s[l]});
+    const int64_t tail = len_ % kRound;
+    for (int j = 0; j * IO::kAccLanes < tail; ++j) {
+      const int64_t valid = std::min<int64_t>(IO::kAccLanes, tail - j * IO::kAccLanes);
+      merge_lanes(out, rows_, tail_mean_[j], tail_m2_[j], valid);
     }
     return out;
   }
+
+ private:
+  int64_t len_;
+  aVec mean_[kAcc], m2_[kAcc];
+  int64_t rounds_ = 0;
+  aVec tail_mean_[kAcc], tail_m2_[kAcc];
+  int64_t rows_ = 0;
 };
 
 // Channels-last rows hold C consecutive channels. A "period" of K = lcm(C,
