@@ -17,14 +17,17 @@ from helpers import (
 
 # Shapes chosen to reach every code path: C = 1, odd C, C below and above the
 # vector width, spatial sizes with and without vector tails, and sizes large
-# enough to be split into several parallel chunks, or to leave the fused
-# channels-first path (channels over 1 MiB; see batch_norm_cpu.cpp). No channel has only two
+# enough to be split into several parallel chunks, and channels-first shapes
+# for each of its CPU strategies (image walk for short rows, fused channel
+# blocks for long rows, chunks for large channels; see batch_norm_cpu.cpp).
+# No channel has only two
 # values: there the exact grad_input is 0 and fp32 rounding, amplified by a
 # large invstd, is all that is left to compare.
 SHAPES = {
     2: [(7, 1), (5, 3), (16, 17), (64, 100)],
     3: [(3, 5, 7), (2, 3, 33), (4, 1, 50)],
-    4: [(4, 6, 5, 5), (5, 3, 1, 1), (3, 16, 7, 9), (40, 2, 64, 64), (10, 4, 180, 180)],
+    4: [(4, 6, 5, 5), (5, 3, 1, 1), (3, 16, 7, 9), (40, 2, 64, 64), (10, 4, 180, 180),
+        (3, 600, 2, 3), (3, 5, 24, 24)],
     5: [(2, 3, 4, 5, 6), (2, 20, 3, 3, 3)],
 }
 CASES = [
@@ -188,8 +191,9 @@ def test_large_offset_statistics_are_accurate(device):
 @pytest.mark.parametrize(
     "shape,fmt",
     [
-        ((40, 6, 33, 31), "contiguous"),  # fused channels-first path
-        ((12, 3, 150, 150), "contiguous"),  # chunked channels-first path
+        ((40, 6, 33, 31), "contiguous"),  # fused channel blocks
+        ((12, 3, 150, 150), "contiguous"),  # chunks of rows
+        ((300, 16, 10, 10), "contiguous"),  # image walk
         ((40, 6, 33, 31), "channels_last"),
         ((64, 100), "contiguous"),
     ],

@@ -44,6 +44,25 @@ void parallel_items(int64_t items, int64_t values_per_item, const F& f) {
   at::parallel_for(0, items, rows_per_chunk(values_per_item), f);
 }
 
+// Channels-first rows shorter than this are "short": reducing them channel by
+// channel jumps through memory a few hundred bytes at a time, which the
+// hardware prefetchers follow badly.
+constexpr int64_t kShortRow = 512;
+// Largest per-chunk accumulator state (one accumulator per channel) for
+// walking short rows image by image, in memory order.
+constexpr int64_t kMaxWalkStateBytes = int64_t(512) << 10;
+
+bool walk_images(const Geometry& g, int64_t accumulator_bytes) {
+  return g.S < kShortRow && g.C * accumulator_bytes <= kMaxWalkStateBytes;
+}
+
+// Images per chunk when walking images: about kChunkValues values, and at
+// least 4096 per channel, so that turning each channel's vector accumulator
+// into a result (a few dozen lane merges) stays cheap next to the work.
+int64_t images_per_chunk(const Geometry& g) {
+  return std::max(rows_per_chunk(g.C * g.S), (4096 + g.S - 1) / g.S);
+}
+
 // Per-position copies of per-channel values for a channels-last period of
 // length K, padded by one step so full-vector loads past K stay in bounds.
 template <typename acc_t, int64_t kPad>
@@ -89,6 +108,36 @@ template <typename scalar_t>
 void batch_stats_channels_first(
     const scalar_t* x, const Geometry& g, WelfordStat<at::opmath_type<scalar_t>>* out) {
   using acc_t = at::opmath_type<scalar_t>;
+  if (walk_images(g, sizeof(RowWelford<scalar_t>))) {
+    // Short rows: walk memory in order, image by image, with one accumulator
+    // per channel; chunks of images are merged in order.
+    const int64_t ipc = images_per_chunk(g);
+    const int64_t chunks = (g.N + ipc - 1) / ipc;
+    Stats<acc_t> partial(chunks * g.C);
+    parallel_items(chunks, std::min(ipc, g.N) * g.C * g.S, [&](int64_t begin, int64_t end) {
+      std::vector<RowWelford<scalar_t>> accs;
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        accs.assign(g.C, RowWelford<scalar_t>(g.S));
+        for (int64_t n = chunk * ipc; n < std::min(g.N, (chunk + 1) * ipc); ++n) {
+          for (int64_t c = 0; c < g.C; ++c) {
+            accs[c].add_row(x + (n * g.C + c) * g.S, Vectorized<acc_t>(static_cast<acc_t>(x[c * g.S])));
+          }
+        }
+        for (int64_t c = 0; c < g.C; ++c) {
+          partial[chunk * g.C + c] = accs[c].result();
+        }
+      }
+    });
+    for (int64_t c = 0; c < g.C; ++c) {
+      WelfordStat<acc_t> s;
+      for (int64_t k = 0; k < chunks; ++k) {
+        s.merge(partial[k * g.C + c]);
+      }
+      s.mean += static_cast<acc_t>(x[c * g.S]);
+      out[c] = s;
+    }
+    return;
+  }
   const int64_t rpc = rows_per_chunk(g.S);
   const int64_t chunks = (g.N + rpc - 1) / rpc;
   Stats<acc_t> partial(g.C * chunks);
@@ -288,7 +337,40 @@ void grad_sums_channels_first(
     at::opmath_type<scalar_t>* sum_dy_xmu) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
-  using aVec = typename IO::aVec;
+  if (walk_images(g, sizeof(GradSumsAcc<scalar_t>))) {
+    // Short rows: in memory order, as in batch_stats_channels_first.
+    const int64_t ipc = images_per_chunk(g);
+    const int64_t chunks = (g.N + ipc - 1) / ipc;
+    std::vector<acc_t> part_dy(chunks * g.C), part_dy_xmu(chunks * g.C);
+    parallel_items(chunks, std::min(ipc, g.N) * g.C * g.S, [&](int64_t begin, int64_t end) {
+      std::vector<GradSumsAcc<scalar_t>> accs;
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        accs.clear();
+        for (int64_t c = 0; c < g.C; ++c) {
+          accs.emplace_back(mean[c]);
+        }
+        for (int64_t n = chunk * ipc; n < std::min(g.N, (chunk + 1) * ipc); ++n) {
+          for (int64_t c = 0; c < g.C; ++c) {
+            const int64_t base = (n * g.C + c) * g.S;
+            accs[c].add_row(dy + base, x + base, g.S);
+          }
+        }
+        for (int64_t c = 0; c < g.C; ++c) {
+          std::tie(part_dy[chunk * g.C + c], part_dy_xmu[chunk * g.C + c]) = accs[c].result();
+        }
+      }
+    });
+    for (int64_t c = 0; c < g.C; ++c) {
+      acc_t a = 0, b = 0;
+      for (int64_t k = 0; k < chunks; ++k) {
+        a += part_dy[k * g.C + c];
+        b += part_dy_xmu[k * g.C + c];
+      }
+      sum_dy[c] = a;
+      sum_dy_xmu[c] = b;
+    }
+    return;
+  }
   const int64_t rpc = rows_per_chunk(g.S);
   const int64_t chunks = (g.N + rpc - 1) / rpc;
   std::vector<acc_t> part_dy(g.C * chunks), part_dy_xmu(g.C * chunks);
@@ -520,17 +602,35 @@ struct GradInputEval {
   }
 };
 
-// Channels-first tensors whose channels hold at most this many bytes (of the
-// inputs read) take the fused path: one task per channel reduces the channel
-// and transforms it right away, while its values are still in the core's
-// cache, so the inputs are read from memory once instead of twice. The rule
-// depends on the shape only, so results do not depend on the thread count.
-constexpr int64_t kFusedChannelBytes = int64_t(1) << 20;
-constexpr int64_t kFusedMinChannels = 4;  // below this, too few tasks to share
+// Channels-first tensors with long rows (kShortRow values or more) and small
+// channels take the fused path: a task
+// takes a block of consecutive channels holding at most kFusedBlockBytes (of
+// the inputs read), reduces them and transforms them right away, while their
+// values are still in the core's cache, so the inputs are read from memory
+// once instead of twice. Both passes walk the block image by image, in memory
+// order. The blocks depend on the shape only, so results do not depend on the
+// thread count.
+constexpr int64_t kFusedBlockBytes = int64_t(1) << 20;
 
-bool use_fused_channels(const Geometry& g, int64_t bytes_per_position) {
-  return !g.channels_last() && g.C >= kFusedMinChannels &&
-      g.N * g.S * bytes_per_position <= kFusedChannelBytes;
+struct ChannelBlocks {
+  int64_t count;  // tasks
+  int64_t size;   // channels per task (the last task may have fewer)
+};
+
+std::optional<ChannelBlocks> fused_channel_blocks(const Geometry& g, int64_t bytes_per_position) {
+  const int64_t channel_bytes = g.N * g.S * bytes_per_position;
+  if (g.channels_last() || g.S < kShortRow || channel_bytes > kFusedBlockBytes) {
+    return std::nullopt;
+  }
+  const int64_t max_size = std::max<int64_t>(1, kFusedBlockBytes / channel_bytes);
+  const int64_t count = (g.C + max_size - 1) / max_size;
+  const int64_t size = (g.C + count - 1) / count;  // balanced blocks
+  const int64_t blocks = (g.C + size - 1) / size;
+  // A single block runs on one thread: only worth it for small tensors.
+  if (blocks < 2 && g.C * channel_bytes > kChunkValues * bytes_per_position) {
+    return std::nullopt;
+  }
+  return ChannelBlocks{blocks, size};
 }
 
 // ---------------------------------------------------------------------------
@@ -619,13 +719,35 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
       unbiased[c] = stat.m2 / static_cast<acc_t>(n - 1);
     };
     const scalar_t* in[1] = {x_ptr};
-    if (use_fused_channels(g, sizeof(scalar_t))) {
-      parallel_items(C, n, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          finish_channel(c, channel_first_stats(x_ptr, g, c, 0, g.N));
-          const acc_t values[3] = {mean[c], invstd[c] * w[c], b[c]};
+    const auto blocks = fused_channel_blocks(g, sizeof(scalar_t));
+    if (blocks) {
+      using aVec = Vectorized<acc_t>;
+      parallel_items(blocks->count, blocks->size * n, [&](int64_t begin, int64_t end) {
+        std::vector<RowWelford<scalar_t>> accs;
+        std::vector<aVec> shifts;
+        for (int64_t block = begin; block < end; ++block) {
+          const int64_t c0 = block * blocks->size;
+          const int64_t c1 = std::min(C, c0 + blocks->size);
+          accs.assign(c1 - c0, RowWelford<scalar_t>(g.S));
+          shifts.clear();
+          for (int64_t c = c0; c < c1; ++c) {
+            shifts.emplace_back(static_cast<acc_t>(x_ptr[c * g.S]));
+          }
           for (int64_t i = 0; i < g.N; ++i) {
-            map_row<scalar_t, 1, 3>(in, y_ptr, (i * C + c) * g.S, g.S, values, Normalize{});
+            for (int64_t c = c0; c < c1; ++c) {
+              accs[c - c0].add_row(x_ptr + (i * C + c) * g.S, shifts[c - c0]);
+            }
+          }
+          for (int64_t c = c0; c < c1; ++c) {
+            WelfordStat<acc_t> stat = accs[c - c0].result();
+            stat.mean += static_cast<acc_t>(x_ptr[c * g.S]);
+            finish_channel(c, stat);
+          }
+          for (int64_t i = 0; i < g.N; ++i) {
+            for (int64_t c = c0; c < c1; ++c) {
+              const acc_t values[3] = {mean[c], invstd[c] * w[c], b[c]};
+              map_row<scalar_t, 1, 3>(in, y_ptr, (i * C + c) * g.S, g.S, values, Normalize{});
+            }
           }
         }
       });
@@ -727,27 +849,40 @@ std::tuple<OptTensor, OptTensor, OptTensor> batch_norm_backward_cpu(
     const scalar_t* in_train[2] = {dy_ptr, x_ptr};
     const scalar_t* in_eval[1] = {dy_ptr};
 
-    if (need_sums && use_fused_channels(g, 2 * sizeof(scalar_t))) {
-      parallel_items(C, 2 * g.reduce_size(), [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          GradSumsAcc<scalar_t> acc(mu[c]);
-          for (int64_t i = 0; i < g.N; ++i) {
-            const int64_t base = (i * C + c) * g.S;
-            acc.add_row(dy_ptr + base, x_ptr + base, g.S);
+    const auto blocks = need_sums ? fused_channel_blocks(g, 2 * sizeof(scalar_t)) : std::nullopt;
+    if (blocks) {
+      parallel_items(blocks->count, 2 * blocks->size * g.reduce_size(), [&](int64_t begin, int64_t end) {
+        std::vector<GradSumsAcc<scalar_t>> accs;
+        for (int64_t block = begin; block < end; ++block) {
+          const int64_t c0 = block * blocks->size;
+          const int64_t c1 = std::min(C, c0 + blocks->size);
+          accs.clear();
+          for (int64_t c = c0; c < c1; ++c) {
+            accs.emplace_back(mu[c]);
           }
-          std::tie(sum_dy[c], sum_dy_xmu[c]) = acc.result();
+          for (int64_t i = 0; i < g.N; ++i) {
+            for (int64_t c = c0; c < c1; ++c) {
+              const int64_t base = (i * C + c) * g.S;
+              accs[c - c0].add_row(dy_ptr + base, x_ptr + base, g.S);
+            }
+          }
+          for (int64_t c = c0; c < c1; ++c) {
+            std::tie(sum_dy[c], sum_dy_xmu[c]) = accs[c - c0].result();
+          }
           if (dx_ptr == nullptr) {
             continue;
           }
-          acc_t p[4];
-          train_params(c, p);
-          const acc_t p_eval[1] = {p[3]};
           for (int64_t i = 0; i < g.N; ++i) {
-            const int64_t base = (i * C + c) * g.S;
-            if (training) {
-              map_row<scalar_t, 2, 4>(in_train, dx_ptr, base, g.S, p, GradInputTrain{});
-            } else {
-              map_row<scalar_t, 1, 1>(in_eval, dx_ptr, base, g.S, p_eval, GradInputEval{});
+            for (int64_t c = c0; c < c1; ++c) {
+              const int64_t base = (i * C + c) * g.S;
+              acc_t p[4];
+              train_params(c, p);
+              if (training) {
+                map_row<scalar_t, 2, 4>(in_train, dx_ptr, base, g.S, p, GradInputTrain{});
+              } else {
+                const acc_t p_eval[1] = {p[3]};
+                map_row<scalar_t, 1, 1>(in_eval, dx_ptr, base, g.S, p_eval, GradInputEval{});
+              }
             }
           }
         }
