@@ -67,16 +67,19 @@ def cpu_isa() -> str:
     CPU_CAPABILITY_* macros. The extension is built on the machine that runs it
     (pip install from source, or JIT), so it targets that machine's ISA, as
     -march=native would. FASTBN_CPU_ISA=default|avx2|avx512 overrides this,
-    e.g. to build for older machines.
+    e.g. to build for older machines. avx512_bf16 adds the bfloat16 conversion
+    instructions (Cooper Lake, Sapphire Rapids, Zen 4 and later).
     """
     requested = os.environ.get("FASTBN_CPU_ISA", "").strip().lower()
     if requested:
-        if requested not in {"default", "avx2", "avx512"}:
-            raise ValueError(f"FASTBN_CPU_ISA must be default, avx2 or avx512, got {requested!r}")
+        if requested not in _ISA_FLAGS:
+            raise ValueError(f"FASTBN_CPU_ISA must be one of {', '.join(_ISA_FLAGS)}, got {requested!r}")
         return requested
     if platform.machine().lower() not in {"x86_64", "amd64"}:
         return "default"
     flags = _host_cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx512_bf16"} <= flags:
+        return "avx512_bf16"
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
         return "avx512"
     if {"avx2", "fma", "f16c"} <= flags:
@@ -92,6 +95,7 @@ _ISA_FLAGS = {
         "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
     ],
 }
+_ISA_FLAGS["avx512_bf16"] = [*_ISA_FLAGS["avx512"], "-mavx512bf16"]
 
 
 def cxx_flags() -> list[str]:

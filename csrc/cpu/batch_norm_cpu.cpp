@@ -48,12 +48,23 @@ void parallel_items(int64_t items, int64_t values_per_item, const F& f) {
 // channel jumps through memory a few hundred bytes at a time, which the
 // hardware prefetchers follow badly.
 constexpr int64_t kShortRow = 512;
-// Largest per-chunk accumulator state (one accumulator per channel) for
-// walking short rows image by image, in memory order.
+// Largest accumulator state (one accumulator per channel, the part a row
+// touches) for walking short rows image by image, in memory order: half the
+// L2 cache of the machines measured.
 constexpr int64_t kMaxWalkStateBytes = int64_t(512) << 10;
 
-bool walk_images(const Geometry& g, int64_t accumulator_bytes) {
-  return g.S < kShortRow && g.C * accumulator_bytes <= kMaxWalkStateBytes;
+bool walk_images(const Geometry& g, int64_t touched_bytes_per_channel) {
+  return g.S < kShortRow && g.C * touched_bytes_per_channel <= kMaxWalkStateBytes;
+}
+
+// Bytes of a RowWelford that a row of S values touches: mean and M2 for the
+// positions of at most one round and one tail.
+template <typename scalar_t>
+int64_t row_welford_touched_bytes(int64_t S) {
+  using W = RowWelford<scalar_t>;
+  constexpr int64_t lanes = W::IO::kAccLanes;
+  const int64_t padded = (S + lanes - 1) / lanes * lanes;
+  return 2 * static_cast<int64_t>(sizeof(typename W::acc_t)) * std::min<int64_t>(padded, 2 * W::kRound);
 }
 
 // Images per chunk when walking images: about kChunkValues values, and at
@@ -108,7 +119,7 @@ template <typename scalar_t>
 void batch_stats_channels_first(
     const scalar_t* x, const Geometry& g, WelfordStat<at::opmath_type<scalar_t>>* out) {
   using acc_t = at::opmath_type<scalar_t>;
-  if (walk_images(g, sizeof(RowWelford<scalar_t>))) {
+  if (walk_images(g, row_welford_touched_bytes<scalar_t>(g.S))) {
     // Short rows: walk memory in order, image by image, with one accumulator
     // per channel; chunks of images are merged in order.
     const int64_t ipc = images_per_chunk(g);
@@ -473,10 +484,11 @@ void grad_sums_channels_last(
 // Applies `op(const aVec (&in)[kIn], const aVec (&param)[kParams]) -> aVec`
 // to the `len` values starting at `base`; `param_at(offset within the run,
 // aVec (&param)[kParams])` supplies the parameter vectors.
+// `stream` writes full vectors with non-temporal stores (large outputs).
 template <typename scalar_t, int kIn, int kParams, typename ParamAt, typename Op>
 inline void map_run(
     const scalar_t* const (&in)[kIn], scalar_t* out, int64_t base, int64_t len,
-    const ParamAt& param_at, const Op& op) {
+    const ParamAt& param_at, const Op& op, bool stream) {
   using IO = VecIO<scalar_t>;
   using aVec = typename IO::aVec;
   for (int64_t j = 0; j < len; j += IO::kStep) {
@@ -500,11 +512,20 @@ inline void map_run(
       result[k] = op(args, prm);
     }
     if (n == IO::kStep) {
-      IO::store(out + base + j, result);
+      IO::store(out + base + j, result, stream);
     } else {
       IO::store_partial(out + base + j, n, result);
     }
   }
+}
+
+// Outputs from this size on are written with streaming stores: they are
+// larger than the caches, so keeping them there only evicts the inputs.
+constexpr int64_t kStreamMinBytes = int64_t(4) << 20;
+
+template <typename scalar_t>
+bool stream_output(const Geometry& g) {
+  return g.numel() * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamMinBytes;
 }
 
 // map_run over one channels-first row, whose parameters are the same for all
@@ -512,7 +533,7 @@ inline void map_run(
 template <typename scalar_t, int kIn, int kParams, typename Op>
 inline void map_row(
     const scalar_t* const (&in)[kIn], scalar_t* out, int64_t base, int64_t len,
-    const at::opmath_type<scalar_t> (&values)[kParams], const Op& op) {
+    const at::opmath_type<scalar_t> (&values)[kParams], const Op& op, bool stream) {
   using aVec = Vectorized<at::opmath_type<scalar_t>>;
   aVec broadcast[kParams];
   for (int i = 0; i < kParams; ++i) {
@@ -525,7 +546,7 @@ inline void map_row(
           prm[i] = broadcast[i];
         }
       },
-      op);
+      op, stream);
 }
 
 // out = op(inputs..., per-channel parameters...) over the whole tensor;
@@ -538,6 +559,7 @@ void channel_map(
   using acc_t = typename IO::acc_t;
   using aVec = typename IO::aVec;
 
+  const bool stream = stream_output<scalar_t>(g);
   if (!g.channels_last()) {
     const int64_t rows = g.N * g.C;
     parallel_items(rows, g.S, [&](int64_t begin, int64_t end) {
@@ -547,8 +569,9 @@ void channel_map(
         for (int i = 0; i < kParams; ++i) {
           values[i] = params[i][c];
         }
-        map_row<scalar_t, kIn, kParams>(in, out, r * g.S, g.S, values, op);
+        map_row<scalar_t, kIn, kParams>(in, out, r * g.S, g.S, values, op, stream);
       }
+      stream_fence();
     });
     return;
   }
@@ -569,8 +592,9 @@ void channel_map(
               prm[i] = aVec::loadu(periodic_params[i].data() + off);
             }
           },
-          op);
+          op, stream);
     }
+    stream_fence();
   });
 }
 
@@ -720,6 +744,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
     };
     const scalar_t* in[1] = {x_ptr};
     const auto blocks = fused_channel_blocks(g, sizeof(scalar_t));
+    const bool stream = stream_output<scalar_t>(g);
     if (blocks) {
       using aVec = Vectorized<acc_t>;
       parallel_items(blocks->count, blocks->size * n, [&](int64_t begin, int64_t end) {
@@ -746,10 +771,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
           for (int64_t i = 0; i < g.N; ++i) {
             for (int64_t c = c0; c < c1; ++c) {
               const acc_t values[3] = {mean[c], invstd[c] * w[c], b[c]};
-              map_row<scalar_t, 1, 3>(in, y_ptr, (i * C + c) * g.S, g.S, values, Normalize{});
+              map_row<scalar_t, 1, 3>(in, y_ptr, (i * C + c) * g.S, g.S, values, Normalize{}, stream);
             }
           }
         }
+        stream_fence();
       });
     } else {
       std::vector<WelfordStat<acc_t>> stats(C);
@@ -850,6 +876,7 @@ std::tuple<OptTensor, OptTensor, OptTensor> batch_norm_backward_cpu(
     const scalar_t* in_eval[1] = {dy_ptr};
 
     const auto blocks = need_sums ? fused_channel_blocks(g, 2 * sizeof(scalar_t)) : std::nullopt;
+    const bool stream = stream_output<scalar_t>(g);
     if (blocks) {
       parallel_items(blocks->count, 2 * blocks->size * g.reduce_size(), [&](int64_t begin, int64_t end) {
         std::vector<GradSumsAcc<scalar_t>> accs;
@@ -878,14 +905,15 @@ std::tuple<OptTensor, OptTensor, OptTensor> batch_norm_backward_cpu(
               acc_t p[4];
               train_params(c, p);
               if (training) {
-                map_row<scalar_t, 2, 4>(in_train, dx_ptr, base, g.S, p, GradInputTrain{});
+                map_row<scalar_t, 2, 4>(in_train, dx_ptr, base, g.S, p, GradInputTrain{}, stream);
               } else {
                 const acc_t p_eval[1] = {p[3]};
-                map_row<scalar_t, 1, 1>(in_eval, dx_ptr, base, g.S, p_eval, GradInputEval{});
+                map_row<scalar_t, 1, 1>(in_eval, dx_ptr, base, g.S, p_eval, GradInputEval{}, stream);
               }
             }
           }
         }
+        stream_fence();
       });
     } else {
       if (need_sums) {
