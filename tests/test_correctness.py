@@ -164,10 +164,11 @@ def test_input_gradient_only(device):
     assert w.grad is None and b.grad is None
 
 
-def test_large_offset_statistics_are_accurate(device):
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_large_offset_statistics_are_accurate(device, fmt):
     """x = 1e4 + randn in fp32: Welford statistics, no E[x^2] - E[x]^2 cancellation.
     fastbn's mean and variance must be at least as accurate as torch's."""
-    x = make_input((64, 8, 32, 32), torch.float32, device, offset=1e4)
+    x = make_input((64, 8, 32, 32), torch.float32, device, fmt, offset=1e4)
     exact = x.double()
     mean_exact = exact.mean(dim=(0, 2, 3))
     var_exact = exact.var(dim=(0, 2, 3), unbiased=True)

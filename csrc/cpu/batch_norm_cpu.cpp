@@ -1,13 +1,18 @@
 // CPU kernels for fastbn's batch norm operators.
 //
-// Both layouts are walked in memory order:
-//  - channels-first: a row of S contiguous values belongs to one channel;
-//    work items are (channel, block of N) and per-channel values broadcast.
+// Layouts (see batch_norm.h):
 //  - channels-last: the tensor is a flat array whose position p holds channel
 //    p % C; a period of K values (a multiple of C and of the vector width)
 //    maps every lane to a fixed channel, so per-position vectors of length K
 //    replace per-channel scalars and even C = 3 runs on full vectors.
-// Reductions are split into chunks whose size depends on the shape only, and
+//  - channels-first: a row of S contiguous values belongs to one channel.
+//    Reductions pick one of three walks by shape: short rows (S < kShortRow)
+//    image by image with one accumulator per channel; long rows of small
+//    channels in fused channel blocks (reduce, then transform while the block
+//    is in cache); otherwise (channel, block of rows) items.
+// Elementwise passes walk memory in order, with streaming stores for large
+// outputs, which come from a block pool (output_pool.h).
+// Work is split into chunks whose size depends on the shape only, and
 // partials are merged in chunk order: results do not depend on the number of
 // threads.
 #include "../batch_norm.h"
@@ -239,7 +244,41 @@ void batch_stats_channels_last(
       const int64_t p0 = chunk * ppc;
       const int64_t p1 = std::min(periods, p0 + ppc);
       int64_t n = 0;
-      for (int64_t p = p0; p < p1; ++p) {
+      int64_t p = p0;
+      // Four periods at a time: their statistics are formed in registers
+      // (two pairs, then the pair of pairs) and merged into the accumulators
+      // with one Chan step, which reads and writes them a quarter as often.
+      for (; K_vec == K && p + 4 <= p1; p += 4) {
+        const scalar_t* rows[4] = {x + p * K, x + (p + 1) * K, x + (p + 2) * K, x + (p + 3) * K};
+        const acc_t frac = acc_t(4) / static_cast<acc_t>(n + 4);
+        const aVec v_frac(frac), v_weight(static_cast<acc_t>(n) * frac), half(acc_t(0.5));
+        for (int64_t j = 0; j < K; j += IO::kStep) {
+          aVec v[4][IO::kVecs];
+          for (int r = 0; r < 4; ++r) {
+            IO::load(rows[r] + j, v[r]);
+          }
+          for (int k = 0; k < IO::kVecs; ++k) {
+            const int64_t off = j + k * IO::kAccLanes;
+            const aVec shift = aVec::loadu(shift_p.data() + off);
+            const aVec a = v[0][k] - shift, b = v[1][k] - shift;
+            const aVec c = v[2][k] - shift, d = v[3][k] - shift;
+            const aVec ab = b - a, cd = d - c;
+            const aVec mean_ab = at::vec::fmadd(ab, half, a), mean_cd = at::vec::fmadd(cd, half, c);
+            const aVec between = mean_cd - mean_ab;
+            const aVec mean4 = at::vec::fmadd(between, half, mean_ab);
+            // M2 of four values: (a-b)^2/2 + (c-d)^2/2 + (mean_cd - mean_ab)^2
+            const aVec m2_4 = at::vec::fmadd(between, between, (ab * ab + cd * cd) * half);
+            aVec m = aVec::loadu(mean + off);
+            const aVec delta = mean4 - m;
+            m = at::vec::fmadd(delta, v_frac, m);
+            const aVec q = aVec::loadu(m2 + off) + at::vec::fmadd(delta * delta, v_weight, m2_4);
+            m.store(mean + off);
+            q.store(m2 + off);
+          }
+        }
+        n += 4;
+      }
+      for (; p < p1; ++p) {
         const scalar_t* row = x + p * K;
         ++n;
         const acc_t gain_s = acc_t(1) / static_cast<acc_t>(n);
@@ -434,7 +473,31 @@ void grad_sums_channels_last(
       std::fill(a_dy_xmu.begin(), a_dy_xmu.end(), acc_t(0));
       const int64_t p0 = chunk * ppc;
       const int64_t p1 = std::min(periods, p0 + ppc);
-      for (int64_t p = p0; p < p1; ++p) {
+      int64_t p = p0;
+      // Four whole periods at a time: the accumulators and the periodic
+      // means are read and written once per four.
+      for (; K % IO::kStep == 0 && p + 4 <= p1 && (p + 4) * K <= total; p += 4) {
+        for (int64_t j = 0; j < K; j += IO::kStep) {
+          aVec vdy[4][IO::kVecs], vx[4][IO::kVecs];
+          for (int r = 0; r < 4; ++r) {
+            IO::load(dy + (p + r) * K + j, vdy[r]);
+            IO::load(x + (p + r) * K + j, vx[r]);
+          }
+          for (int k = 0; k < IO::kVecs; ++k) {
+            const int64_t off = j + k * IO::kAccLanes;
+            const aVec m = aVec::loadu(mean_p.data() + off);
+            aVec s_dy = aVec::loadu(a_dy.data() + off);
+            aVec s_dy_xmu = aVec::loadu(a_dy_xmu.data() + off);
+            for (int r = 0; r < 4; ++r) {
+              s_dy = s_dy + vdy[r][k];
+              s_dy_xmu = at::vec::fmadd(vdy[r][k], vx[r][k] - m, s_dy_xmu);
+            }
+            s_dy.store(a_dy.data() + off);
+            s_dy_xmu.store(a_dy_xmu.data() + off);
+          }
+        }
+      }
+      for (; p < p1; ++p) {
         const int64_t base = p * K;
         const int64_t len = std::min(K, total - base);
         for (int64_t j = 0; j < len; j += IO::kStep) {
@@ -580,16 +643,47 @@ void channel_map(
   const int64_t K = channels_last_period<scalar_t>(g.C, total);
   const int64_t periods = (total + K - 1) / K;
   std::vector<std::vector<acc_t>> periodic_params;
+  const acc_t* param_ptr[kParams];  // raw pointers: loads need no reload after stores
   for (int i = 0; i < kParams; ++i) {
     periodic_params.push_back(periodic<acc_t, IO::kStep>(params[i], g.C, K));
+    param_ptr[i] = periodic_params.back().data();
   }
+  constexpr int kGroup = 4;  // periods sharing one load of the parameters
+  const bool whole_steps = K % IO::kStep == 0;
   parallel_items(periods, K, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
+    int64_t p = begin;
+    for (; whole_steps && p + kGroup <= end && (p + kGroup) * K <= total; p += kGroup) {
+      for (int64_t j = 0; j < K; j += IO::kStep) {
+        aVec prm[IO::kVecs][kParams];
+        for (int k = 0; k < IO::kVecs; ++k) {
+          for (int i = 0; i < kParams; ++i) {
+            prm[k][i] = aVec::loadu(param_ptr[i] + j + k * IO::kAccLanes);
+          }
+        }
+        for (int r = 0; r < kGroup; ++r) {
+          const int64_t at = (p + r) * K + j;
+          aVec v[kIn][IO::kVecs];
+          for (int i = 0; i < kIn; ++i) {
+            IO::load(in[i] + at, v[i]);
+          }
+          aVec result[IO::kVecs];
+          for (int k = 0; k < IO::kVecs; ++k) {
+            aVec args[kIn];
+            for (int i = 0; i < kIn; ++i) {
+              args[i] = v[i][k];
+            }
+            result[k] = op(args, prm[k]);
+          }
+          IO::store(out + at, result, stream);
+        }
+      }
+    }
+    for (; p < end; ++p) {
       map_run<scalar_t, kIn, kParams>(
           in, out, p * K, std::min(K, total - p * K),
           [&](int64_t off, aVec (&prm)[kParams]) {
             for (int i = 0; i < kParams; ++i) {
-              prm[i] = aVec::loadu(periodic_params[i].data() + off);
+              prm[i] = aVec::loadu(param_ptr[i] + off);
             }
           },
           op, stream);

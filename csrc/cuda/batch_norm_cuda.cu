@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <atomic>
 #include <limits>
 
 namespace fastbn::cuda {
@@ -158,18 +159,18 @@ __global__ void grad_input_kernel(
 // ---------------------------------------------------------------------------
 
 int multiprocessor_count(int device) {
-  static std::array<int, 64> cache{};  // 0 = not yet queried
-  if (device < 0 || device >= static_cast<int>(cache.size())) {
-    int count = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    return count;
+  static std::array<std::atomic<int>, 64> cache{};  // 0 = not yet queried
+  if (device >= 0 && device < static_cast<int>(cache.size())) {
+    if (const int known = cache[device].load(std::memory_order_relaxed)) {
+      return known;
+    }
   }
-  if (cache[device] == 0) {
-    int count = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    cache[device] = count;
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  if (device >= 0 && device < static_cast<int>(cache.size())) {
+    cache[device].store(count, std::memory_order_relaxed);
   }
-  return cache[device];
+  return count;
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -202,8 +203,12 @@ dim3 finalize_grid(int64_t C) {
   return dim3(static_cast<unsigned>(ceil_div(C, kFinalizeThreads)));
 }
 
+// 32-bit index math when every index a kernel forms fits: the grid-stride
+// loops step past the last element by up to one grid (at most a few million
+// elements), so leave that much headroom below INT32_MAX.
 bool fits_int32(const Geometry& g) {
-  return g.numel() <= std::numeric_limits<int32_t>::max();
+  constexpr int64_t kHeadroom = int64_t(1) << 24;
+  return g.numel() <= std::numeric_limits<int32_t>::max() - kHeadroom;
 }
 
 // Calls f(std::integral_constant<bool, channels_last>, index_t{}) once.

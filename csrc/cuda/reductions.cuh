@@ -19,8 +19,9 @@ constexpr int kReduceThreads = 256;      // channels-first block (1-d)
 constexpr int kTileChannels = 32;        // channels-last block: 32 channels x
 constexpr int kTileRows = 8;             //                      8 rows
 
-// Welford state. Counts are held in acc_t: exact up to 2^24 values per
-// partial in fp32, far above what one thread or block sees.
+// Welford state. Counts are held in acc_t: exact up to 2^24 values in fp32;
+// above that (a whole large channel in one block) they round, a relative
+// error of about 1e-7 in the merge weights.
 template <typename acc_t>
 struct WelfordState {
   acc_t mean;
@@ -51,10 +52,14 @@ struct WelfordAccumulator {
 
   // Chan et al.'s merge of two partial results.
   __device__ static State merge(const State& a, const State& b) {
-    const acc_t n = a.n + b.n;
-    if (n == acc_t(0)) {
+    // Empty sides return the other exactly (and avoid 0 * inf for huge deltas).
+    if (b.n == acc_t(0)) {
       return a;
     }
+    if (a.n == acc_t(0)) {
+      return b;
+    }
+    const acc_t n = a.n + b.n;
     const acc_t b_frac = b.n / n;
     const acc_t delta = b.mean - a.mean;
     return {a.mean + delta * b_frac, a.m2 + b.m2 + delta * delta * a.n * b_frac, n};
