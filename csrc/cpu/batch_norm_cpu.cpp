@@ -612,6 +612,55 @@ inline void map_row(
       op, stream);
 }
 
+// map_row over the channels-first rows r0 <= r < r1 as one flat run, for short
+// rows (kAccLanes <= S): a vector then spans at most two rows, and takes its
+// parameters from the current row's channel, or a blend of the two. Saves
+// the per-row set-up and the partial vector at the end of every row.
+template <typename scalar_t, int kIn, int kParams, typename Op>
+void map_rows_flat(
+    const scalar_t* const (&in)[kIn], scalar_t* out, int64_t r0, int64_t r1, const Geometry& g,
+    const at::opmath_type<scalar_t>* const (&params)[kParams], const Op& op, bool stream) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using aVec = typename IO::aVec;
+  const aVec lane_index = aVec::arange(acc_t(0), acc_t(1));
+  int64_t row = r0;
+  int64_t row_end = (r0 + 1) * g.S;  // element index where `row` ends
+  aVec cur[kParams], next[kParams];
+  const auto load_params = [&](int64_t r, aVec (&dst)[kParams]) {
+    const int64_t c = r % g.C;
+    for (int i = 0; i < kParams; ++i) {
+      dst[i] = aVec(params[i][c]);
+    }
+  };
+  load_params(row, cur);
+  load_params(row + 1, next);
+  map_run<scalar_t, kIn, kParams>(
+      in, out, r0 * g.S, (r1 - r0) * g.S,
+      [&](int64_t off, aVec (&prm)[kParams]) {
+        const int64_t lane0 = r0 * g.S + off;
+        if (lane0 >= row_end) {  // entered the next row
+          ++row;
+          row_end += g.S;
+          for (int i = 0; i < kParams; ++i) {
+            cur[i] = next[i];
+          }
+          load_params(row + 1, next);
+        }
+        if (lane0 + IO::kAccLanes <= row_end) {
+          for (int i = 0; i < kParams; ++i) {
+            prm[i] = cur[i];
+          }
+        } else {
+          const auto in_next = lane_index >= aVec(static_cast<acc_t>(row_end - lane0));
+          for (int i = 0; i < kParams; ++i) {
+            prm[i] = aVec::blendv(cur[i], next[i], in_next);
+          }
+        }
+      },
+      op, stream);
+}
+
 // out = op(inputs..., per-channel parameters...) over the whole tensor;
 // `params[i]` holds one value per channel.
 template <typename scalar_t, int kIn, int kParams, typename Op>
@@ -625,14 +674,19 @@ void channel_map(
   const bool stream = stream_output<scalar_t>(g);
   if (!g.channels_last()) {
     const int64_t rows = g.N * g.C;
+    const bool flat = g.S < kShortRow && g.S >= IO::kAccLanes;
     parallel_items(rows, g.S, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t c = r % g.C;
-        acc_t values[kParams];
-        for (int i = 0; i < kParams; ++i) {
-          values[i] = params[i][c];
+      if (flat) {
+        map_rows_flat<scalar_t, kIn, kParams>(in, out, begin, end, g, params, op, stream);
+      } else {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t c = r % g.C;
+          acc_t values[kParams];
+          for (int i = 0; i < kParams; ++i) {
+            values[i] = params[i][c];
+          }
+          map_row<scalar_t, kIn, kParams>(in, out, r * g.S, g.S, values, op, stream);
         }
-        map_row<scalar_t, kIn, kParams>(in, out, r * g.S, g.S, values, op, stream);
       }
       stream_fence();
     });
