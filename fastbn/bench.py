@@ -209,7 +209,7 @@ def environment(device: str, copy_bw: float) -> dict:
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device,
-        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()})",
         "cpu_model": _cpu_model(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

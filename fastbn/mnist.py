@@ -19,7 +19,7 @@ import datetime as _dt
 import gzip
 import json
 import shutil
-import statistics
+import textwrap
 import time
 from pathlib import Path
 
@@ -227,7 +227,7 @@ def plot_curves(results: dict, out: Path) -> None:
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle(results["data"], fontsize=9)
+    fig.suptitle(textwrap.fill(results["data"], 160), fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
