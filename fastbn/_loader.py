@@ -27,8 +27,9 @@ def _jit_load() -> dict:
     if build_dir:
         os.makedirs(build_dir, exist_ok=True)
     print(
-        f"fastbn: compiling the native extension (JIT, {'CPU + CUDA' if with_cuda else 'CPU only'}, "
-        "first import only; this takes a few minutes) ...",
+        f"fastbn: no prebuilt fastbn._C; building the native extension with "
+        f"torch.utils.cpp_extension.load ({'CPU + CUDA' if with_cuda else 'CPU only'}); compiling takes "
+        "a few minutes when the cached build is missing or stale ...",
         file=sys.stderr,
         flush=True,
     )

@@ -51,4 +51,4 @@ def test_jit_build_loads_and_runs(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "jit ok" in result.stdout
-    assert "compiling the native extension" in result.stderr
+    assert "building the native extension" in result.stderr
