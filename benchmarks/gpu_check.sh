@@ -2,7 +2,9 @@
 # GPU check, one call on the lent GPU machine (torch 2.11, no installs there):
 # JIT-builds fastbn from this checkout, runs the test suite on CUDA, the kernel
 # benchmark (full suite) and the MNIST training-step timings. Everything lands
-# in $OUT (default results/gpu). Meant to finish in under 6 minutes on an H100.
+# in $OUT (default results/gpu). Meant to finish in under 6 minutes on an H100;
+# each step has a time limit, and the benchmark leaves results.partial.json
+# behind if its limit cuts it short.
 #
 #   OUT=$OUT bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -20,12 +22,12 @@ python -c "import fastbn, json; print(json.dumps(fastbn.build_info()))" 2>&1 | t
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 
 step "tests"
-timeout 150 python -m pytest tests -q -x -p no:cacheprovider --junitxml="$OUT/tests.xml" \
+timeout 180 python -m pytest tests -q -x -p no:cacheprovider --junitxml="$OUT/tests.xml" \
   -k "not jit_build and not mnist and not bench_quick" 2>&1 | tee "$OUT/tests.log" | tail -n 30
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 step "kernel benchmark"
-timeout 150 python -m fastbn.bench --device cuda --out "$OUT/bench" --no-progress --min-run-time 0.05 \
+timeout 210 python -m fastbn.bench --device cuda --out "$OUT/bench" --no-progress --min-run-time 0.05 \
   2>&1 | tee "$OUT/bench.log" | tail -n 12
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 

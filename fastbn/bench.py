@@ -418,11 +418,16 @@ def run(args) -> dict:
     names = list(fns)
     cases = make_cases(shapes, dtypes, formats, modes)
     cache = last_level_cache_bytes(device)
-    for case in tqdm(cases, desc="fastbn.bench", unit="case", disable=args.no_progress):
+    partial = out / "results.partial.json"  # what is done so far, if the run is cut short
+    for done, case in enumerate(tqdm(cases, desc="fastbn.bench", unit="case", disable=args.no_progress), 1):
         inputs = Inputs(case, device, cache)
         for name, fn in fns.items():
             case.times_us[name] = 1e6 * median_seconds(make_step(fn, case, inputs), device, min_run_time)
         del inputs
+        if done % 10 == 0:
+            partial.write_text(json.dumps(
+                {"environment": env, "contenders": names,
+                 "cases": [dict(asdict(c), name=c.name) for c in cases[:done]]}, indent=1))
     metrics = [case_metrics(c, copy_bw) for c in cases]
     summary = summarize(cases, metrics)
 
@@ -441,6 +446,7 @@ def run(args) -> dict:
         "summary": summary,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
+    partial.unlink(missing_ok=True)
     (out / "summary.md").write_text(markdown_summary(env, cases, metrics, summary, names))
     files = ["results.json", "summary.md"]
     if not args.no_plots:
