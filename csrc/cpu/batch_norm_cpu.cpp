@@ -315,9 +315,23 @@ void batch_stats_channels_last(
     merge_positions(n, mean.data(), m2.data(), count, part_mean.data() + chunk * K,
                     part_m2.data() + chunk * K, K);
   }
+  // Channel c holds the K / C positions r * C + c, all with count n: equal
+  // groups combine without divisions (see merge_lanes).
   std::vector<WelfordStat<acc_t>> stats(C);
-  for (int64_t p = 0; p < K; ++p) {
-    stats[p % C].merge(WelfordStat<acc_t>{n, mean[p], m2[p]});
+  const int64_t R = K / C;
+  for (int64_t c = 0; n > 0 && c < C; ++c) {
+    acc_t sum_mean = 0, sum_m2 = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      sum_mean += mean[r * C + c];
+      sum_m2 += m2[r * C + c];
+    }
+    const acc_t group_mean = sum_mean / static_cast<acc_t>(R);
+    acc_t spread = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      const acc_t d = mean[r * C + c] - group_mean;
+      spread += d * d;
+    }
+    stats[c] = WelfordStat<acc_t>{n * R, group_mean, sum_m2 + static_cast<acc_t>(n) * spread};
   }
   for (int64_t i = periods * K; i < total; ++i) {  // after the last whole period
     stats[i % C].merge(WelfordStat<acc_t>{1, static_cast<acc_t>(x[i]) - shift[i % C], acc_t(0)});
