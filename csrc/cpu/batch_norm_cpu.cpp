@@ -100,24 +100,18 @@ std::vector<acc_t> periodic(const acc_t* per_channel, int64_t C, int64_t K) {
 // they are lost; the shifted values are O(spread), where it can. The mean is
 // shifted back at the end; the variance does not change.
 
-// Statistics of channel c over the rows n0 <= n < n1 of a channels-first
-// tensor, accumulated on x - x[c, first]; the mean is shifted back unless
-// `shifted` (for partials that are merged first).
+// Statistics of x - x[c, first] for channel c over the rows n0 <= n < n1 of
+// a channels-first tensor (partials stay shifted until they are merged).
 template <typename scalar_t>
-WelfordStat<at::opmath_type<scalar_t>> channel_first_stats(
-    const scalar_t* x, const Geometry& g, int64_t c, int64_t n0, int64_t n1, bool shifted = false) {
+WelfordStat<at::opmath_type<scalar_t>> shifted_channel_stats(
+    const scalar_t* x, const Geometry& g, int64_t c, int64_t n0, int64_t n1) {
   using acc_t = at::opmath_type<scalar_t>;
-  const auto shift = static_cast<acc_t>(x[c * g.S]);
-  const Vectorized<acc_t> shift_v(shift);
+  const Vectorized<acc_t> shift(static_cast<acc_t>(x[c * g.S]));
   RowWelford<scalar_t> acc(g.S);
   for (int64_t n = n0; n < n1; ++n) {
-    acc.add_row(x + (n * g.C + c) * g.S, shift_v);
+    acc.add_row(x + (n * g.C + c) * g.S, shift);
   }
-  WelfordStat<acc_t> result = acc.result();
-  if (!shifted) {
-    result.mean += shift;
-  }
-  return result;
+  return acc.result();
 }
 
 template <typename scalar_t>
@@ -162,7 +156,7 @@ void batch_stats_channels_first(
       const int64_t c = item / chunks;
       const int64_t n0 = (item % chunks) * rpc;
       const int64_t n1 = std::min(g.N, n0 + rpc);
-      partial[item] = channel_first_stats(x, g, c, n0, n1, /*shifted=*/true);
+      partial[item] = shifted_channel_stats(x, g, c, n0, n1);
     }
   });
   for (int64_t c = 0; c < g.C; ++c) {
