@@ -328,7 +328,7 @@ void batch_stats_channels_last(
     stats[c] = WelfordStat<acc_t>{n * R, group_mean, sum_m2 + static_cast<acc_t>(n) * spread};
   }
   for (int64_t i = periods * K; i < total; ++i) {  // after the last whole period
-    stats[i % C].merge(WelfordStat<acc_t>{1, static_cast<acc_t>(x[i]) - shift[i % C], acc_t(0)});
+    stats[i % C].add(static_cast<acc_t>(x[i]) - shift[i % C]);
   }
   for (int64_t c = 0; c < C; ++c) {
     stats[c].mean += shift[c];
