@@ -7,6 +7,8 @@ what users get); on the GPU also torch with cuDNN disabled (ATen's kernels)
 and torch.compile'd F.batch_norm (Inductor). Cases: training forward,
 training forward+backward, eval forward, over shapes, dtypes and memory
 formats. Times are medians of torch.utils.benchmark blocks after warm-up;
+the contenders and both memory formats of a shape, dtype and mode are timed
+in alternating rounds;
 inputs are random and, when large, rotate through enough copies that they do
 not sit in the last-level cache between repetitions.
 
@@ -132,6 +134,25 @@ def median_seconds(fn: Callable[[], object], device: str, min_run_time: float) -
     sync(device)
     measurement = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
     return measurement.median
+
+
+def interleaved_medians(steps: dict, device: str, min_run_time: float, rounds: int = 5) -> dict:
+    """Median seconds per call of each step, timed in alternating rounds.
+
+    Each step gets min_run_time in `rounds` slices, taken in turn, so that
+    drift in the machine's speed (other tenants of a shared host, clock
+    changes) falls on all of them alike instead of on whichever ran last.
+    """
+    for fn in steps.values():
+        for _ in range(3):  # warm-up (and compilation for torch.compile)
+            fn()
+    sync(device)
+    times: dict = {key: [] for key in steps}
+    for _ in range(rounds):
+        for key, fn in steps.items():
+            measurement = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time / rounds)
+            times[key].extend(measurement.times)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def copy_bandwidth(device: str, min_run_time: float) -> float:
@@ -419,15 +440,27 @@ def run(args) -> dict:
     cases = make_cases(shapes, dtypes, formats, modes)
     cache = last_level_cache_bytes(device)
     partial = out / "results.partial.json"  # what is done so far, if the run is cut short
-    for done, case in enumerate(tqdm(cases, desc="fastbn.bench", unit="case", disable=args.no_progress), 1):
-        inputs = Inputs(case, device, cache)
-        for name, fn in fns.items():
-            case.times_us[name] = 1e6 * median_seconds(make_step(fn, case, inputs), device, min_run_time)
-        del inputs
-        if done % 10 == 0:
+    # The memory formats of a shape, dtype and mode are timed together, every
+    # contender on each, so that the layouts are compared under the same drift.
+    groups: dict[tuple, list[Case]] = {}
+    for case in cases:
+        groups.setdefault((case.label, case.shape, case.dtype, case.mode), []).append(case)
+    done: list[Case] = []
+    progress = tqdm(total=len(cases), desc="fastbn.bench", unit="case", disable=args.no_progress)
+    for index, group in enumerate(groups.values(), 1):
+        inputs = [Inputs(case, device, cache) for case in group]
+        steps = {(i, name): make_step(fn, case, inputs[i])
+                 for i, case in enumerate(group) for name, fn in fns.items()}
+        for (i, name), seconds in interleaved_medians(steps, device, min_run_time).items():
+            group[i].times_us[name] = 1e6 * seconds
+        del inputs, steps
+        done += group
+        progress.update(len(group))
+        if index % 5 == 0:
             partial.write_text(json.dumps(
                 {"environment": env, "contenders": names,
-                 "cases": [dict(asdict(c), name=c.name) for c in cases[:done]]}, indent=1))
+                 "cases": [dict(asdict(c), name=c.name) for c in done]}, indent=1))
+    progress.close()
     metrics = [case_metrics(c, copy_bw) for c in cases]
     summary = summarize(cases, metrics)
 

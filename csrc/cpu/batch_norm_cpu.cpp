@@ -210,16 +210,93 @@ int64_t periods_per_chunk(int64_t K) {
   return std::max<int64_t>(64, rows_per_chunk(K));
 }
 
+// Welford state of every position of a channels-last period of K values
+// over the periods p0 <= p < p1 of x, into (mean[K], m2[K]) (zeroed). A
+// function of its own, with its sizes and pointers as parameters: in a
+// lambda they would be captures, which every accumulator store (vector types
+// may alias anything) forces the compiler to reload.
+template <typename scalar_t>
+void channels_last_period_stats(
+    const scalar_t* x, int64_t K, int64_t p0, int64_t p1,
+    const at::opmath_type<scalar_t>* shift_p, at::opmath_type<scalar_t>* mean,
+    at::opmath_type<scalar_t>* m2) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using aVec = typename IO::aVec;
+  const int64_t K_vec = K - K % IO::kStep;  // positions updated by vectors
+  int64_t n = 0;
+  int64_t p = p0;
+  // Four periods at a time: their statistics are formed in registers
+  // (two pairs, then the pair of pairs) and merged into the accumulators
+  // with one Chan step, which reads and writes them a quarter as often.
+  for (; K_vec == K && p + 4 <= p1; p += 4) {
+    const scalar_t* rows[4] = {x + p * K, x + (p + 1) * K, x + (p + 2) * K, x + (p + 3) * K};
+    const acc_t frac = acc_t(4) / static_cast<acc_t>(n + 4);
+    const aVec v_frac(frac), v_weight(static_cast<acc_t>(n) * frac), half(acc_t(0.5));
+    for (int64_t j = 0; j < K; j += IO::kStep) {
+      aVec v[4][IO::kVecs];
+      for (int r = 0; r < 4; ++r) {
+        prefetch(rows[r] + j, 4 * K * int64_t(sizeof(scalar_t)));  // the same place in the next group
+        IO::load(rows[r] + j, v[r]);
+      }
+      for (int k = 0; k < IO::kVecs; ++k) {
+        const int64_t off = j + k * IO::kAccLanes;
+        const aVec shift = aVec::loadu(shift_p + off);
+        const aVec a = v[0][k] - shift, b = v[1][k] - shift;
+        const aVec c = v[2][k] - shift, d = v[3][k] - shift;
+        const aVec ab = b - a, cd = d - c;
+        const aVec mean_ab = at::vec::fmadd(ab, half, a), mean_cd = at::vec::fmadd(cd, half, c);
+        const aVec between = mean_cd - mean_ab;
+        const aVec mean4 = at::vec::fmadd(between, half, mean_ab);
+        // M2 of four values: (a-b)^2/2 + (c-d)^2/2 + (mean_cd - mean_ab)^2
+        const aVec m2_4 = at::vec::fmadd(between, between, (ab * ab + cd * cd) * half);
+        aVec m = aVec::loadu(mean + off);
+        const aVec delta = mean4 - m;
+        m = at::vec::fmadd(delta, v_frac, m);
+        const aVec q = aVec::loadu(m2 + off) + at::vec::fmadd(delta * delta, v_weight, m2_4);
+        m.store(mean + off);
+        q.store(m2 + off);
+      }
+    }
+    n += 4;
+  }
+  for (; p < p1; ++p) {
+    const scalar_t* row = x + p * K;
+    ++n;
+    const acc_t gain_s = acc_t(1) / static_cast<acc_t>(n);
+    const aVec gain(gain_s);
+    for (int64_t j = 0; j < K_vec; j += IO::kStep) {
+      aVec v[IO::kVecs];
+      IO::load_ahead(row + j, v);
+      for (int k = 0; k < IO::kVecs; ++k) {
+        const int64_t off = j + k * IO::kAccLanes;
+        const aVec vs = v[k] - aVec::loadu(shift_p + off);
+        aVec m = aVec::loadu(mean + off);
+        aVec q = aVec::loadu(m2 + off);
+        const aVec d = vs - m;
+        m = at::vec::fmadd(d, gain, m);
+        q = at::vec::fmadd(d, vs - m, q);
+        m.store(mean + off);
+        q.store(m2 + off);
+      }
+    }
+    for (int64_t j = K_vec; j < K; ++j) {
+      const acc_t v = static_cast<acc_t>(row[j]) - shift_p[j];
+      const acc_t d = v - mean[j];
+      mean[j] += d * gain_s;
+      m2[j] += d * (v - mean[j]);
+    }
+  }
+}
+
 template <typename scalar_t>
 void batch_stats_channels_last(
     const scalar_t* x, const Geometry& g, WelfordStat<at::opmath_type<scalar_t>>* out) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
-  using aVec = typename IO::aVec;
   const int64_t C = g.C;
   const int64_t total = g.numel();
   const int64_t K = channels_last_period<scalar_t>(C, total);
-  const int64_t K_vec = K - K % IO::kStep;  // positions updated by vectors
   const int64_t periods = total / K;
   const int64_t ppc = periods_per_chunk(K);
   const int64_t chunks = (periods + ppc - 1) / ppc;
@@ -233,72 +310,9 @@ void batch_stats_channels_last(
 
   parallel_items(chunks, ppc * K, [&](int64_t begin, int64_t end) {
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      acc_t* mean = part_mean.data() + chunk * K;
-      acc_t* m2 = part_m2.data() + chunk * K;
       const int64_t p0 = chunk * ppc;
-      const int64_t p1 = std::min(periods, p0 + ppc);
-      int64_t n = 0;
-      int64_t p = p0;
-      // Four periods at a time: their statistics are formed in registers
-      // (two pairs, then the pair of pairs) and merged into the accumulators
-      // with one Chan step, which reads and writes them a quarter as often.
-      for (; K_vec == K && p + 4 <= p1; p += 4) {
-        const scalar_t* rows[4] = {x + p * K, x + (p + 1) * K, x + (p + 2) * K, x + (p + 3) * K};
-        const acc_t frac = acc_t(4) / static_cast<acc_t>(n + 4);
-        const aVec v_frac(frac), v_weight(static_cast<acc_t>(n) * frac), half(acc_t(0.5));
-        for (int64_t j = 0; j < K; j += IO::kStep) {
-          aVec v[4][IO::kVecs];
-          for (int r = 0; r < 4; ++r) {
-            IO::load(rows[r] + j, v[r]);
-          }
-          for (int k = 0; k < IO::kVecs; ++k) {
-            const int64_t off = j + k * IO::kAccLanes;
-            const aVec shift = aVec::loadu(shift_p.data() + off);
-            const aVec a = v[0][k] - shift, b = v[1][k] - shift;
-            const aVec c = v[2][k] - shift, d = v[3][k] - shift;
-            const aVec ab = b - a, cd = d - c;
-            const aVec mean_ab = at::vec::fmadd(ab, half, a), mean_cd = at::vec::fmadd(cd, half, c);
-            const aVec between = mean_cd - mean_ab;
-            const aVec mean4 = at::vec::fmadd(between, half, mean_ab);
-            // M2 of four values: (a-b)^2/2 + (c-d)^2/2 + (mean_cd - mean_ab)^2
-            const aVec m2_4 = at::vec::fmadd(between, between, (ab * ab + cd * cd) * half);
-            aVec m = aVec::loadu(mean + off);
-            const aVec delta = mean4 - m;
-            m = at::vec::fmadd(delta, v_frac, m);
-            const aVec q = aVec::loadu(m2 + off) + at::vec::fmadd(delta * delta, v_weight, m2_4);
-            m.store(mean + off);
-            q.store(m2 + off);
-          }
-        }
-        n += 4;
-      }
-      for (; p < p1; ++p) {
-        const scalar_t* row = x + p * K;
-        ++n;
-        const acc_t gain_s = acc_t(1) / static_cast<acc_t>(n);
-        const aVec gain(gain_s);
-        for (int64_t j = 0; j < K_vec; j += IO::kStep) {
-          aVec v[IO::kVecs];
-          IO::load(row + j, v);
-          for (int k = 0; k < IO::kVecs; ++k) {
-            const int64_t off = j + k * IO::kAccLanes;
-            const aVec vs = v[k] - aVec::loadu(shift_p.data() + off);
-            aVec m = aVec::loadu(mean + off);
-            aVec q = aVec::loadu(m2 + off);
-            const aVec d = vs - m;
-            m = at::vec::fmadd(d, gain, m);
-            q = at::vec::fmadd(d, vs - m, q);
-            m.store(mean + off);
-            q.store(m2 + off);
-          }
-        }
-        for (int64_t j = K_vec; j < K; ++j) {
-          const acc_t v = static_cast<acc_t>(row[j]) - shift_p[j];
-          const acc_t d = v - mean[j];
-          mean[j] += d * gain_s;
-          m2[j] += d * (v - mean[j]);
-        }
-      }
+      channels_last_period_stats(x, K, p0, std::min(periods, p0 + ppc), shift_p.data(),
+                                 part_mean.data() + chunk * K, part_m2.data() + chunk * K);
     }
   });
   // Merge the chunks in order, then fold positions into channels.
@@ -354,21 +368,32 @@ struct GradSumsAcc {
   }
 
   inline void add_row(const scalar_t* dy, const scalar_t* x, int64_t len) {
+    // Local copies of the sums, as in RowWelford::add_row.
+    aVec sum_dy[IO::kVecs], sum_dy_xmu[IO::kVecs];
+    for (int k = 0; k < IO::kVecs; ++k) {
+      sum_dy[k] = dy_[k];
+      sum_dy_xmu[k] = dy_xmu_[k];
+    }
+    const aVec mean = mean_;
     for (int64_t s = 0; s < len; s += IO::kStep) {
       const int64_t n = std::min<int64_t>(IO::kStep, len - s);
       aVec vdy[IO::kVecs], vx[IO::kVecs];
       if (n == IO::kStep) {
-        IO::load(dy + s, vdy);
-        IO::load(x + s, vx);
+        IO::load_ahead(dy + s, vdy);
+        IO::load_ahead(x + s, vx);
       } else {
         // Zero-filled lanes: dy = 0 adds nothing to either sum.
         IO::load_partial(dy + s, n, vdy);
         IO::load_partial(x + s, n, vx);
       }
       for (int k = 0; k < IO::kVecs; ++k) {
-        dy_[k] = dy_[k] + vdy[k];
-        dy_xmu_[k] = at::vec::fmadd(vdy[k], vx[k] - mean_, dy_xmu_[k]);
+        sum_dy[k] = sum_dy[k] + vdy[k];
+        sum_dy_xmu[k] = at::vec::fmadd(vdy[k], vx[k] - mean, sum_dy_xmu[k]);
       }
+    }
+    for (int k = 0; k < IO::kVecs; ++k) {
+      dy_[k] = sum_dy[k];
+      dy_xmu_[k] = sum_dy_xmu[k];
     }
   }
 
@@ -456,6 +481,70 @@ void grad_sums_channels_first(
   }
 }
 
+// Adds sum(dy) and sum(dy * (x - mean)) of every position of a channels-last
+// period of K values over the periods p0 <= p < p1 (the last one may end at
+// `total`) into a_dy[K] and a_dy_xmu[K]. Sizes and pointers are parameters,
+// not lambda captures: see channels_last_period_stats.
+template <typename scalar_t>
+void channels_last_period_grad_sums(
+    const scalar_t* dy, const scalar_t* x, int64_t K, int64_t total, int64_t p0, int64_t p1,
+    const at::opmath_type<scalar_t>* mean_p, at::opmath_type<scalar_t>* a_dy,
+    at::opmath_type<scalar_t>* a_dy_xmu) {
+  using IO = VecIO<scalar_t>;
+  using aVec = typename IO::aVec;
+  int64_t p = p0;
+  // Four whole periods at a time: the accumulators and the periodic
+  // means are read and written once per four.
+  for (; K % IO::kStep == 0 && p + 4 <= p1 && (p + 4) * K <= total; p += 4) {
+    for (int64_t j = 0; j < K; j += IO::kStep) {
+      aVec vdy[4][IO::kVecs], vx[4][IO::kVecs];
+      for (int r = 0; r < 4; ++r) {
+        const int64_t at = (p + r) * K + j;
+        prefetch(dy + at, 4 * K * int64_t(sizeof(scalar_t)));  // the same place in the next group
+        prefetch(x + at, 4 * K * int64_t(sizeof(scalar_t)));
+        IO::load(dy + at, vdy[r]);
+        IO::load(x + at, vx[r]);
+      }
+      for (int k = 0; k < IO::kVecs; ++k) {
+        const int64_t off = j + k * IO::kAccLanes;
+        const aVec m = aVec::loadu(mean_p + off);
+        aVec s_dy = aVec::loadu(a_dy + off);
+        aVec s_dy_xmu = aVec::loadu(a_dy_xmu + off);
+        for (int r = 0; r < 4; ++r) {
+          s_dy = s_dy + vdy[r][k];
+          s_dy_xmu = at::vec::fmadd(vdy[r][k], vx[r][k] - m, s_dy_xmu);
+        }
+        s_dy.store(a_dy + off);
+        s_dy_xmu.store(a_dy_xmu + off);
+      }
+    }
+  }
+  for (; p < p1; ++p) {
+    const int64_t base = p * K;
+    const int64_t len = std::min(K, total - base);
+    for (int64_t j = 0; j < len; j += IO::kStep) {
+      const int64_t n = std::min<int64_t>(IO::kStep, len - j);
+      aVec vdy[IO::kVecs], vx[IO::kVecs];
+      if (n == IO::kStep) {
+        IO::load_ahead(dy + base + j, vdy);
+        IO::load_ahead(x + base + j, vx);
+      } else {
+        IO::load_partial(dy + base + j, n, vdy);
+        IO::load_partial(x + base + j, n, vx);
+      }
+      for (int k = 0; k < IO::kVecs; ++k) {
+        const int64_t off = j + k * IO::kAccLanes;
+        const aVec m = aVec::loadu(mean_p + off);
+        const aVec s_dy = aVec::loadu(a_dy + off) + vdy[k];
+        const aVec s_dy_xmu =
+            at::vec::fmadd(vdy[k], vx[k] - m, aVec::loadu(a_dy_xmu + off));
+        s_dy.store(a_dy + off);
+        s_dy_xmu.store(a_dy_xmu + off);
+      }
+    }
+  }
+}
+
 template <typename scalar_t>
 void grad_sums_channels_last(
     const scalar_t* dy, const scalar_t* x, const Geometry& g,
@@ -463,7 +552,6 @@ void grad_sums_channels_last(
     at::opmath_type<scalar_t>* sum_dy_xmu) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
-  using aVec = typename IO::aVec;
   const int64_t C = g.C;
   const int64_t total = g.numel();
   const int64_t K = channels_last_period<scalar_t>(C, total);
@@ -480,55 +568,8 @@ void grad_sums_channels_last(
       std::fill(a_dy.begin(), a_dy.end(), acc_t(0));
       std::fill(a_dy_xmu.begin(), a_dy_xmu.end(), acc_t(0));
       const int64_t p0 = chunk * ppc;
-      const int64_t p1 = std::min(periods, p0 + ppc);
-      int64_t p = p0;
-      // Four whole periods at a time: the accumulators and the periodic
-      // means are read and written once per four.
-      for (; K % IO::kStep == 0 && p + 4 <= p1 && (p + 4) * K <= total; p += 4) {
-        for (int64_t j = 0; j < K; j += IO::kStep) {
-          aVec vdy[4][IO::kVecs], vx[4][IO::kVecs];
-          for (int r = 0; r < 4; ++r) {
-            IO::load(dy + (p + r) * K + j, vdy[r]);
-            IO::load(x + (p + r) * K + j, vx[r]);
-          }
-          for (int k = 0; k < IO::kVecs; ++k) {
-            const int64_t off = j + k * IO::kAccLanes;
-            const aVec m = aVec::loadu(mean_p.data() + off);
-            aVec s_dy = aVec::loadu(a_dy.data() + off);
-            aVec s_dy_xmu = aVec::loadu(a_dy_xmu.data() + off);
-            for (int r = 0; r < 4; ++r) {
-              s_dy = s_dy + vdy[r][k];
-              s_dy_xmu = at::vec::fmadd(vdy[r][k], vx[r][k] - m, s_dy_xmu);
-            }
-            s_dy.store(a_dy.data() + off);
-            s_dy_xmu.store(a_dy_xmu.data() + off);
-          }
-        }
-      }
-      for (; p < p1; ++p) {
-        const int64_t base = p * K;
-        const int64_t len = std::min(K, total - base);
-        for (int64_t j = 0; j < len; j += IO::kStep) {
-          const int64_t n = std::min<int64_t>(IO::kStep, len - j);
-          aVec vdy[IO::kVecs], vx[IO::kVecs];
-          if (n == IO::kStep) {
-            IO::load(dy + base + j, vdy);
-            IO::load(x + base + j, vx);
-          } else {
-            IO::load_partial(dy + base + j, n, vdy);
-            IO::load_partial(x + base + j, n, vx);
-          }
-          for (int k = 0; k < IO::kVecs; ++k) {
-            const int64_t off = j + k * IO::kAccLanes;
-            const aVec m = aVec::loadu(mean_p.data() + off);
-            const aVec s_dy = aVec::loadu(a_dy.data() + off) + vdy[k];
-            const aVec s_dy_xmu =
-                at::vec::fmadd(vdy[k], vx[k] - m, aVec::loadu(a_dy_xmu.data() + off));
-            s_dy.store(a_dy.data() + off);
-            s_dy_xmu.store(a_dy_xmu.data() + off);
-          }
-        }
-      }
+      channels_last_period_grad_sums(dy, x, K, total, p0, std::min(periods, p0 + ppc),
+                                     mean_p.data(), a_dy.data(), a_dy_xmu.data());
       acc_t* out_dy = part_dy.data() + chunk * C;
       acc_t* out_dy_xmu = part_dy_xmu.data() + chunk * C;
       for (int64_t j = 0; j < K; ++j) {
@@ -562,14 +603,18 @@ inline void map_run(
     const ParamAt& param_at, const Op& op, bool stream) {
   using IO = VecIO<scalar_t>;
   using aVec = typename IO::aVec;
+  const scalar_t* src[kIn];  // a local copy: see map_periods
+  for (int i = 0; i < kIn; ++i) {
+    src[i] = in[i];
+  }
   for (int64_t j = 0; j < len; j += IO::kStep) {
     const int64_t n = std::min<int64_t>(IO::kStep, len - j);
     aVec v[kIn][IO::kVecs];
     for (int i = 0; i < kIn; ++i) {
       if (n == IO::kStep) {
-        IO::load(in[i] + base + j, v[i]);
+        IO::load_ahead(src[i] + base + j, v[i]);
       } else {
-        IO::load_partial(in[i] + base + j, n, v[i]);
+        IO::load_partial(src[i] + base + j, n, v[i]);
       }
     }
     aVec result[IO::kVecs];
@@ -669,6 +714,68 @@ void map_rows_flat(
       op, stream);
 }
 
+// map_run over the channels-last periods p0 <= p < p1 of K values (the last
+// may end at `total`); `periodic_params[i]` holds K values, one per position
+// of the period. The arrays are copied into locals first: through the
+// references the compiler would reload them after every store (vector types
+// may alias anything).
+template <typename scalar_t, int kIn, int kParams, typename Op>
+void map_periods(
+    const scalar_t* const (&inputs)[kIn], scalar_t* out, int64_t K, int64_t total, int64_t p0,
+    int64_t p1, const at::opmath_type<scalar_t>* const (&periodic_params)[kParams], const Op& op,
+    bool stream) {
+  using IO = VecIO<scalar_t>;
+  using aVec = typename IO::aVec;
+  const scalar_t* in[kIn];
+  for (int i = 0; i < kIn; ++i) {
+    in[i] = inputs[i];
+  }
+  const at::opmath_type<scalar_t>* param[kParams];
+  for (int i = 0; i < kParams; ++i) {
+    param[i] = periodic_params[i];
+  }
+  constexpr int kGroup = 4;  // periods sharing one load of the parameters
+  const int64_t group_bytes = kGroup * K * static_cast<int64_t>(sizeof(scalar_t));
+  int64_t p = p0;
+  for (; K % IO::kStep == 0 && p + kGroup <= p1 && (p + kGroup) * K <= total; p += kGroup) {
+    for (int64_t j = 0; j < K; j += IO::kStep) {
+      aVec prm[IO::kVecs][kParams];
+      for (int k = 0; k < IO::kVecs; ++k) {
+        for (int i = 0; i < kParams; ++i) {
+          prm[k][i] = aVec::loadu(param[i] + j + k * IO::kAccLanes);
+        }
+      }
+      for (int r = 0; r < kGroup; ++r) {
+        const int64_t at = (p + r) * K + j;
+        aVec v[kIn][IO::kVecs];
+        for (int i = 0; i < kIn; ++i) {
+          prefetch(in[i] + at, group_bytes);  // the same place in the next group
+          IO::load(in[i] + at, v[i]);
+        }
+        aVec result[IO::kVecs];
+        for (int k = 0; k < IO::kVecs; ++k) {
+          aVec args[kIn];
+          for (int i = 0; i < kIn; ++i) {
+            args[i] = v[i][k];
+          }
+          result[k] = op(args, prm[k]);
+        }
+        IO::store(out + at, result, stream);
+      }
+    }
+  }
+  for (; p < p1; ++p) {
+    map_run<scalar_t, kIn, kParams>(
+        in, out, p * K, std::min(K, total - p * K),
+        [&](int64_t off, aVec (&prm)[kParams]) {
+          for (int i = 0; i < kParams; ++i) {
+            prm[i] = aVec::loadu(param[i] + off);
+          }
+        },
+        op, stream);
+  }
+}
+
 // out = op(inputs..., per-channel parameters...) over the whole tensor;
 // `params[i]` holds one value per channel.
 template <typename scalar_t, int kIn, int kParams, typename Op>
@@ -677,7 +784,6 @@ void channel_map(
     const at::opmath_type<scalar_t>* const (&params)[kParams], const Op& op) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
-  using aVec = typename IO::aVec;
 
   const bool stream = stream_output<scalar_t>(g);
   if (!g.channels_last()) {
@@ -705,51 +811,13 @@ void channel_map(
   const int64_t K = channels_last_period<scalar_t>(g.C, total);
   const int64_t periods = (total + K - 1) / K;
   std::vector<std::vector<acc_t>> periodic_params;
-  const acc_t* param_ptr[kParams];  // raw pointers: loads need no reload after stores
+  const acc_t* param_ptr[kParams];
   for (int i = 0; i < kParams; ++i) {
     periodic_params.push_back(periodic<acc_t, IO::kStep>(params[i], g.C, K));
     param_ptr[i] = periodic_params.back().data();
   }
-  constexpr int kGroup = 4;  // periods sharing one load of the parameters
-  const bool whole_steps = K % IO::kStep == 0;
   parallel_items(periods, K, [&](int64_t begin, int64_t end) {
-    int64_t p = begin;
-    for (; whole_steps && p + kGroup <= end && (p + kGroup) * K <= total; p += kGroup) {
-      for (int64_t j = 0; j < K; j += IO::kStep) {
-        aVec prm[IO::kVecs][kParams];
-        for (int k = 0; k < IO::kVecs; ++k) {
-          for (int i = 0; i < kParams; ++i) {
-            prm[k][i] = aVec::loadu(param_ptr[i] + j + k * IO::kAccLanes);
-          }
-        }
-        for (int r = 0; r < kGroup; ++r) {
-          const int64_t at = (p + r) * K + j;
-          aVec v[kIn][IO::kVecs];
-          for (int i = 0; i < kIn; ++i) {
-            IO::load(in[i] + at, v[i]);
-          }
-          aVec result[IO::kVecs];
-          for (int k = 0; k < IO::kVecs; ++k) {
-            aVec args[kIn];
-            for (int i = 0; i < kIn; ++i) {
-              args[i] = v[i][k];
-            }
-            result[k] = op(args, prm[k]);
-          }
-          IO::store(out + at, result, stream);
-        }
-      }
-    }
-    for (; p < end; ++p) {
-      map_run<scalar_t, kIn, kParams>(
-          in, out, p * K, std::min(K, total - p * K),
-          [&](int64_t off, aVec (&prm)[kParams]) {
-            for (int i = 0; i < kParams; ++i) {
-              prm[i] = aVec::loadu(param_ptr[i] + off);
-            }
-          },
-          op, stream);
-    }
+    map_periods<scalar_t, kIn, kParams>(in, out, K, total, begin, end, param_ptr, op, stream);
     stream_fence();
   });
 }

@@ -58,6 +58,25 @@ inline void stream_fence() {
 }
 
 
+// Software prefetch distance for loads that walk memory in order. On the
+// machines measured, a core's hardware prefetchers keep too few lines in
+// flight for it to read at the memory bandwidth; asking for the line 4 KiB
+// ahead raises a core's streaming read rate by about 1.7x.
+constexpr int64_t kPrefetchBytes = 4096;
+
+// Prefetches the line `bytes_ahead` past p for reading. The address is formed
+// as an integer: it may lie past the end of the array (prefetches never fault),
+// where pointer arithmetic would be undefined.
+inline void prefetch(const void* p, int64_t bytes_ahead) {
+#if defined(__GNUC__) || defined(__clang__)
+  const auto address = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes_ahead);
+  __builtin_prefetch(reinterpret_cast<const void*>(address), /*rw=*/0, /*locality=*/3);
+#else
+  (void)p;
+  (void)bytes_ahead;
+#endif
+}
+
 template <typename scalar_t>
 struct VecIO {
   using acc_t = at::opmath_type<scalar_t>;
@@ -77,6 +96,11 @@ struct VecIO {
       v[0] = lo;
       v[1] = hi;
     }
+  }
+  // load() for walks in memory order: also prefetches kPrefetchBytes ahead.
+  static inline void load_ahead(const scalar_t* p, aVec (&v)[kVecs]) {
+    prefetch(p, kPrefetchBytes);
+    load(p, v);
   }
   // Loads n < kStep elements; the other lanes are zero.
   static inline void load_partial(const scalar_t* p, int64_t n, aVec (&v)[kVecs]) {
@@ -216,30 +240,47 @@ struct RowWelford {
 
   // Accumulates the row's values minus `shift` (see batch_stats_* for why).
   inline void add_row(const scalar_t* p, const aVec& shift) {
+    // The rounds run on local copies of the state: kept in members, every
+    // update would be a load and a store (vector stores may alias anything,
+    // so the compiler cannot keep members in registers across them).
+    const int64_t len = len_;
     int64_t i = 0;
-    for (; i + kRound <= len_; i += kRound) {
-      ++rounds_;
-      const aVec gain(acc_t(1) / static_cast<acc_t>(rounds_));
-      for (int s = 0; s < kStepsPerRound; ++s) {
-        aVec v[IO::kVecs];
-        IO::load(p + i + s * IO::kStep, v);
-        for (int k = 0; k < IO::kVecs; ++k) {
-          const int j = s * IO::kVecs + k;
-          update(mean_[j], m2_[j], v[k] - shift, gain);
+    if (len >= kRound) {
+      aVec mean[kAcc], m2[kAcc];
+      for (int j = 0; j < kAcc; ++j) {
+        mean[j] = mean_[j];
+        m2[j] = m2_[j];
+      }
+      int64_t rounds = rounds_;
+      for (; i + kRound <= len; i += kRound) {
+        ++rounds;
+        const aVec gain(acc_t(1) / static_cast<acc_t>(rounds));
+        for (int s = 0; s < kStepsPerRound; ++s) {
+          aVec v[IO::kVecs];
+          IO::load_ahead(p + i + s * IO::kStep, v);
+          for (int k = 0; k < IO::kVecs; ++k) {
+            const int j = s * IO::kVecs + k;
+            update(mean[j], m2[j], v[k] - shift, gain);
+          }
         }
       }
+      rounds_ = rounds;
+      for (int j = 0; j < kAcc; ++j) {
+        mean_[j] = mean[j];
+        m2_[j] = m2[j];
+      }
     }
-    if (i == len_) {
+    if (i == len) {
       return;
     }
     ++rows_;
     const aVec gain(acc_t(1) / static_cast<acc_t>(rows_));
-    for (int s = 0; i < len_; ++s, i += IO::kStep) {
+    for (int s = 0; i < len; ++s, i += IO::kStep) {
       aVec v[IO::kVecs];
-      if (i + IO::kStep <= len_) {
-        IO::load(p + i, v);
+      if (i + IO::kStep <= len) {
+        IO::load_ahead(p + i, v);
       } else {
-        IO::load_partial(p + i, len_ - i, v);
+        IO::load_partial(p + i, len - i, v);
       }
       for (int k = 0; k < IO::kVecs; ++k) {
         const int j = s * IO::kVecs + k;
