@@ -6,10 +6,12 @@ Contenders, case by case: fastbn; torch (F.batch_norm with cuDNN enabled,
 what users get); on the GPU also torch with cuDNN disabled (ATen's kernels)
 and torch.compile'd F.batch_norm (Inductor). Cases: training forward,
 training forward+backward, eval forward, over shapes, dtypes and memory
-formats. Times are medians of torch.utils.benchmark blocks after warm-up;
-the contenders and both memory formats of a shape, dtype and mode are timed
-in alternating rounds;
-inputs are random and, when large, rotate through enough copies that they do
+formats. Times are medians over blocks of back-to-back calls (CUDA events on
+the GPU, the host clock on the CPU) after warm-up; the contenders and both
+memory formats of a shape, dtype and mode are timed in alternating rounds, so
+drift in the machine's speed falls on all of them alike (torch.utils.benchmark
+times one callable at a time, hence the small loop here); inputs are random
+and, when large, rotate through enough copies that they do
 not sit in the last-level cache between repetitions.
 
 Effective bandwidth uses a stated byte model, in elements of the input read
@@ -27,18 +29,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import gc
 import json
 import math
 import os
 import platform
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.benchmark import Timer
 
 import fastbn
 
@@ -128,30 +131,65 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_seconds(fn: Callable[[], object], device: str, min_run_time: float) -> float:
-    for _ in range(3):  # warm-up (and compilation for torch.compile)
+def seconds_per_call(fn: Callable[[], object], number: int, device: str) -> float:
+    """Mean seconds per call over `number` back-to-back calls: CUDA events
+    around the block on the GPU, the host clock on the CPU."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(number):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / number
+    begin = time.perf_counter()
+    for _ in range(number):
         fn()
-    sync(device)
-    measurement = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    return measurement.median
+    return (time.perf_counter() - begin) / number
+
+
+def calls_per_block(fn: Callable[[], object], device: str, target: float) -> int:
+    """Calls that take about `target` seconds (at least one); also warms up."""
+    number = 1
+    while True:
+        elapsed = seconds_per_call(fn, number, device) * number
+        if elapsed >= target / 2 or number >= 1 << 16:
+            return max(1, round(number * target / max(elapsed, 1e-9)))
+        number *= 4
 
 
 def interleaved_medians(steps: dict, device: str, min_run_time: float, rounds: int = 5) -> dict:
     """Median seconds per call of each step, timed in alternating rounds.
 
-    Each step gets min_run_time in `rounds` slices, taken in turn, so that
-    drift in the machine's speed (other tenants of a shared host, clock
+    Each step gets about min_run_time, in `rounds` slices taken in turn, so
+    that drift in the machine's speed (other tenants of a shared host, clock
     changes) falls on all of them alike instead of on whichever ran last.
+    A slice is several blocks of calls (a block lasts about a fifth of a
+    slice, and at least one call); the result is the median over all blocks.
+    The garbage collector is off while timing, as in timeit.
     """
+    slice_seconds = min_run_time / rounds
     for fn in steps.values():
         for _ in range(3):  # warm-up (and compilation for torch.compile)
             fn()
     sync(device)
+    numbers = {key: calls_per_block(fn, device, slice_seconds / 5) for key, fn in steps.items()}
     times: dict = {key: [] for key in steps}
-    for _ in range(rounds):
-        for key, fn in steps.items():
-            measurement = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time / rounds)
-            times[key].extend(measurement.times)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for key, fn in steps.items():
+                spent = 0.0
+                while True:
+                    per_call = seconds_per_call(fn, numbers[key], device)
+                    times[key].append(per_call)
+                    spent += per_call * numbers[key]
+                    if spent >= slice_seconds * 0.9:
+                        break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     return {key: statistics.median(t) for key, t in times.items()}
 
 
@@ -160,7 +198,7 @@ def copy_bandwidth(device: str, min_run_time: float) -> float:
     nbytes = max(4 * last_level_cache_bytes(device), 256 << 20)
     src = torch.rand(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    seconds = median_seconds(lambda: dst.copy_(src), device, min_run_time)
+    seconds = interleaved_medians({"copy": lambda: dst.copy_(src)}, device, min_run_time)["copy"]
     return 2 * nbytes / seconds
 
 

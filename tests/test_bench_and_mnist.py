@@ -27,6 +27,27 @@ def test_bench_quick_writes_valid_json(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_interleaved_medians_measure_each_step():
+    """The timing loop returns seconds per call of each step: steps that sleep
+    2 ms and 6 ms come out in that order and about 3x apart."""
+    import time
+
+    calls = {"short": 0, "long": 0}
+
+    def step(key, seconds):
+        def run():
+            calls[key] += 1
+            time.sleep(seconds)
+        return run
+
+    result = bench.interleaved_medians({"short": step("short", 0.002), "long": step("long", 0.006)},
+                                       "cpu", min_run_time=0.1)
+    assert set(result) == {"short", "long"}
+    assert 0.002 <= result["short"] < 0.004, result
+    assert 2.0 < result["long"] / result["short"] < 3.5, result
+    assert calls["short"] > calls["long"] > 5  # each got its share of the time, in several blocks
+
+
 def mnist_data():
     try:
         train, test, _ = mnist.load_data("fashion-mnist", mnist.Path.home() / ".cache" / "fastbn" / "data")
