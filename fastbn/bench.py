@@ -158,11 +158,11 @@ def calls_per_block(fn: Callable[[], object], device: str, target: float) -> int
         number *= 4
 
 
-def interleaved_medians(steps: dict, device: str, min_run_time: float, rounds: int = 5) -> dict:
+def interleaved_medians(steps: dict, device: str, min_run_time: float, rounds: int = 6) -> dict:
     """Median seconds per call of each step, timed in alternating rounds.
 
-    Each step gets about min_run_time, in `rounds` slices taken in turn, so
-    that drift in the machine's speed (other tenants of a shared host, clock
+    Each step gets about min_run_time, in `rounds` slices taken in turn (each
+    round starting with the next step), so that drift in the machine's speed (other tenants of a shared host, clock
     changes) falls on all of them alike instead of on whichever ran last.
     A slice is several blocks of calls (a block lasts about a fifth of a
     slice, and at least one call); the result is the median over all blocks.
@@ -178,8 +178,12 @@ def interleaved_medians(steps: dict, device: str, min_run_time: float, rounds: i
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for _ in range(rounds):
-            for key, fn in steps.items():
+        order = list(steps.items())
+        for round_index in range(rounds):
+            # Each round starts with the next step, so that none always runs
+            # first (or right after the same neighbour).
+            shift = round_index % len(order)
+            for key, fn in order[shift:] + order[:shift]:
                 spent = 0.0
                 while True:
                     per_call = seconds_per_call(fn, numbers[key], device)
