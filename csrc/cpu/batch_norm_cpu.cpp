@@ -224,6 +224,7 @@ void channels_last_period_stats(
   using acc_t = typename IO::acc_t;
   using aVec = typename IO::aVec;
   const int64_t K_vec = K - K % IO::kStep;  // positions updated by vectors
+  const int64_t group_bytes = 4 * K * static_cast<int64_t>(sizeof(scalar_t));
   int64_t n = 0;
   int64_t p = p0;
   // Four periods at a time: their statistics are formed in registers
@@ -236,7 +237,7 @@ void channels_last_period_stats(
     for (int64_t j = 0; j < K; j += IO::kStep) {
       aVec v[4][IO::kVecs];
       for (int r = 0; r < 4; ++r) {
-        prefetch(rows[r] + j, 4 * K * int64_t(sizeof(scalar_t)));  // the same place in the next group
+        prefetch(rows[r] + j, group_bytes);  // the same place in the next group
         IO::load(rows[r] + j, v[r]);
       }
       for (int k = 0; k < IO::kVecs; ++k) {
@@ -491,6 +492,7 @@ void channels_last_period_grad_sums(
     at::opmath_type<scalar_t>* a_dy_xmu) {
   using IO = VecIO<scalar_t>;
   using aVec = typename IO::aVec;
+  const int64_t group_bytes = 4 * K * static_cast<int64_t>(sizeof(scalar_t));
   int64_t p = p0;
   // Four whole periods at a time: the accumulators and the periodic
   // means are read and written once per four.
@@ -499,8 +501,8 @@ void channels_last_period_grad_sums(
       aVec vdy[4][IO::kVecs], vx[4][IO::kVecs];
       for (int r = 0; r < 4; ++r) {
         const int64_t at = (p + r) * K + j;
-        prefetch(dy + at, 4 * K * int64_t(sizeof(scalar_t)));  // the same place in the next group
-        prefetch(x + at, 4 * K * int64_t(sizeof(scalar_t)));
+        prefetch(dy + at, group_bytes);  // the same place in the next group
+        prefetch(x + at, group_bytes);
         IO::load(dy + at, vdy[r]);
         IO::load(x + at, vx[r]);
       }
