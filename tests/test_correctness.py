@@ -19,7 +19,10 @@ from helpers import (
 # vector width, spatial sizes with and without vector tails, and sizes large
 # enough to be split into several parallel chunks, and channels-first shapes
 # for each of its CPU strategies (image walk for short rows, fused channel
-# blocks for long rows, chunks for large channels; see batch_norm_cpu.cpp).
+# blocks for long rows, chunks for large channels; see batch_norm_cpu.cpp),
+# and channels-last shapes whose channel pattern repeats within 1 to 4 vector
+# steps (C = 64, 12, 6, 4: the register-held short-period path), with and
+# without a partial period at the end and over several parallel chunks.
 # No channel has only two
 # values: there the exact grad_input is 0 and fp32 rounding, amplified by a
 # large invstd, is all that is left to compare.
@@ -27,7 +30,7 @@ SHAPES = {
     2: [(7, 1), (5, 3), (16, 17), (64, 100)],
     3: [(3, 5, 7), (2, 3, 33), (4, 1, 50)],
     4: [(4, 6, 5, 5), (5, 3, 1, 1), (3, 16, 7, 9), (40, 2, 64, 64), (10, 4, 180, 180),
-        (3, 600, 2, 3), (3, 5, 24, 24)],
+        (3, 600, 2, 3), (3, 5, 24, 24), (3, 64, 5, 7), (7, 12, 31, 29)],
     5: [(2, 3, 4, 5, 6), (2, 20, 3, 3, 3)],
 }
 CASES = [

@@ -27,6 +27,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <numeric>
+#include <type_traits>
 #include <vector>
 
 namespace fastbn::cpu {
@@ -205,9 +207,14 @@ void merge_positions(
 
 // Periods per parallel chunk for channels-last reductions: about
 // kChunkValues values, and at least 64 periods so that the per-chunk
-// partials (K values each) stay small next to the data.
-int64_t periods_per_chunk(int64_t K) {
-  return std::max<int64_t>(64, rows_per_chunk(K));
+// partials (K values each) stay small next to the data; but at most an
+// eighth of the periods (in whole groups of 4, and at least 16), so that a few
+// threads get even shares: 5 chunks would give 2 threads 3 and 2. The chunks
+// depend on the shape only, so results do not depend on the thread count.
+int64_t periods_per_chunk(int64_t K, int64_t periods) {
+  const int64_t by_size = std::max<int64_t>(64, rows_per_chunk(K));
+  const int64_t eighth = (periods + 31) / 32 * 4;
+  return std::max<int64_t>(16, std::min(by_size, eighth));
 }
 
 // Welford state of every position of a channels-last period of K values
@@ -299,7 +306,7 @@ void batch_stats_channels_last(
   const int64_t total = g.numel();
   const int64_t K = channels_last_period<scalar_t>(C, total);
   const int64_t periods = total / K;
-  const int64_t ppc = periods_per_chunk(K);
+  const int64_t ppc = periods_per_chunk(K, periods);
   const int64_t chunks = (periods + ppc - 1) / ppc;
   std::vector<acc_t> shift(C);
   for (int64_t c = 0; c < C; ++c) {
@@ -557,7 +564,7 @@ void grad_sums_channels_last(
   const int64_t total = g.numel();
   const int64_t K = channels_last_period<scalar_t>(C, total);
   const int64_t periods = (total + K - 1) / K;  // the last one may be partial
-  const int64_t ppc = periods_per_chunk(K);
+  const int64_t ppc = periods_per_chunk(K, periods);
   const int64_t chunks = (periods + ppc - 1) / ppc;
   const std::vector<acc_t> mean_p = periodic<acc_t, IO::kStep>(mean, C, K);
   std::vector<acc_t> part_dy(chunks * C, acc_t(0)), part_dy_xmu(chunks * C, acc_t(0));
@@ -779,6 +786,105 @@ void map_periods(
   }
 }
 
+// Most parameter registers map_short_period may hold; the rest of the
+// vector registers (32 with AVX-512, 16 otherwise) carry the inputs and
+// results. Beyond this the compiler would spill them to the stack.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kMaxParamRegisters = 18;
+#else
+constexpr int kMaxParamRegisters = 8;
+#endif
+
+// map_run over the channels-last values [begin, end) (begin a multiple of
+// KS * kStep) for a short base period of KS steps (the channel pattern repeats
+// every KS * kStep values): the parameters of the whole period stay in
+// registers and the values are walked in memory order, so each output costs
+// one load and one store, where map_periods also loads parameters.
+template <int KS, typename scalar_t, int kIn, int kParams, typename Op>
+void map_short_period(
+    const scalar_t* const (&inputs)[kIn], scalar_t* out, int64_t begin, int64_t end,
+    const at::opmath_type<scalar_t>* const (&periodic_params)[kParams], const Op& op,
+    bool stream) {
+  using IO = VecIO<scalar_t>;
+  using aVec = typename IO::aVec;
+  constexpr int64_t kPeriod = KS * IO::kStep;
+  const scalar_t* in[kIn];  // locals: see map_periods
+  for (int i = 0; i < kIn; ++i) {
+    in[i] = inputs[i];
+  }
+  aVec prm[KS][IO::kVecs][kParams];
+  for (int s = 0; s < KS; ++s) {
+    for (int k = 0; k < IO::kVecs; ++k) {
+      for (int i = 0; i < kParams; ++i) {
+        prm[s][k][i] = aVec::loadu(periodic_params[i] + s * IO::kStep + k * IO::kAccLanes);
+      }
+    }
+  }
+  int64_t at = begin;
+  for (; at + kPeriod <= end; at += kPeriod) {
+    for (int s = 0; s < KS; ++s) {
+      const int64_t pos = at + s * IO::kStep;
+      aVec v[kIn][IO::kVecs];
+      for (int i = 0; i < kIn; ++i) {
+        IO::load_ahead(in[i] + pos, v[i]);
+      }
+      aVec result[IO::kVecs];
+      for (int k = 0; k < IO::kVecs; ++k) {
+        aVec args[kIn];
+        for (int i = 0; i < kIn; ++i) {
+          args[i] = v[i][k];
+        }
+        result[k] = op(args, prm[s][k]);
+      }
+      IO::store(out + pos, result, stream);
+    }
+  }
+  if (at < end) {  // the last partial period of the tensor
+    map_run<scalar_t, kIn, kParams>(
+        in, out, at, end - at,
+        [&](int64_t off, aVec (&p)[kParams]) {
+          for (int i = 0; i < kParams; ++i) {
+            p[i] = aVec::loadu(periodic_params[i] + off);
+          }
+        },
+        op, stream);
+  }
+}
+
+// Steps in the base channels-last period of C channels (the shortest run of
+// whole steps after which the channel pattern repeats).
+template <typename scalar_t>
+int64_t base_period_steps(int64_t C) {
+  constexpr int64_t step = VecIO<scalar_t>::kStep;
+  return C / std::gcd(C, step);
+}
+
+// Runs map_short_period<KS> for KS = `steps` when its parameters fit the
+// register budget; returns false when they do not (or steps > 4).
+template <typename scalar_t, int kIn, int kParams, typename Op>
+bool try_map_short_period(
+    int64_t steps, const scalar_t* const (&in)[kIn], scalar_t* out, int64_t begin, int64_t end,
+    const at::opmath_type<scalar_t>* const (&periodic_params)[kParams], const Op& op,
+    bool stream) {
+  constexpr int kRegsPerStep = VecIO<scalar_t>::kVecs * kParams;
+  bool done = false;
+  const auto run = [&](auto ks) {
+    constexpr int KS = decltype(ks)::value;
+    if constexpr (KS * kRegsPerStep <= kMaxParamRegisters) {
+      map_short_period<KS, scalar_t, kIn, kParams>(in, out, begin, end, periodic_params, op, stream);
+      done = true;
+    }
+  };
+  switch (steps) {
+    case 1: run(std::integral_constant<int, 1>{}); break;
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    case 3: run(std::integral_constant<int, 3>{}); break;
+    case 4: run(std::integral_constant<int, 4>{}); break;
+    default: break;
+  }
+  return done;
+}
+
 // out = op(inputs..., per-channel parameters...) over the whole tensor;
 // `params[i]` holds one value per channel.
 template <typename scalar_t, int kIn, int kParams, typename Op>
@@ -819,8 +925,12 @@ void channel_map(
     periodic_params.push_back(periodic<acc_t, IO::kStep>(params[i], g.C, K));
     param_ptr[i] = periodic_params.back().data();
   }
+  const int64_t steps = base_period_steps<scalar_t>(g.C);
   parallel_items(periods, K, [&](int64_t begin, int64_t end) {
-    map_periods<scalar_t, kIn, kParams>(in, out, K, total, begin, end, param_ptr, op, stream);
+    if (!try_map_short_period<scalar_t, kIn, kParams>(
+            steps, in, out, begin * K, std::min(total, end * K), param_ptr, op, stream)) {
+      map_periods<scalar_t, kIn, kParams>(in, out, K, total, begin, end, param_ptr, op, stream);
+    }
     stream_fence();
   });
 }
