@@ -745,17 +745,9 @@ void map_periods(
     param[i] = periodic_params[i];
   }
   constexpr int kGroup = 4;  // periods sharing one load of the parameters
-  // Grouping pays for full-width types and for two inputs; a half type with
-  // one input (normalise) runs faster walking each period in memory order.
-  // Measured (memory-bound, rotating inputs, C = 100 to 2048, 1 and 2
-  // threads): grouping won 10 of 12 fp32 cases and lost 15 of 16 bf16 ones,
-  // by 2-17%; bf16 forward+backward, whose backward maps two inputs, came
-  // out even.
-  constexpr bool kGroupPeriods = IO::kVecs == 1 || kIn > 1;
   const int64_t group_bytes = kGroup * K * static_cast<int64_t>(sizeof(scalar_t));
   int64_t p = p0;
-  for (; kGroupPeriods && K % IO::kStep == 0 && p + kGroup <= p1 && (p + kGroup) * K <= total;
-       p += kGroup) {
+  for (; K % IO::kStep == 0 && p + kGroup <= p1 && (p + kGroup) * K <= total; p += kGroup) {
     for (int64_t j = 0; j < K; j += IO::kStep) {
       aVec prm[IO::kVecs][kParams];
       for (int k = 0; k < IO::kVecs; ++k) {
