@@ -179,35 +179,42 @@ struct WelfordStat {
   }
 };
 
-// Merges the first `lanes` lanes of a vector accumulator whose lanes all saw
+// Merges the first `lanes` lanes of the vector accumulators (mean[j], m2[j]),
+// j < kCount (lane l of the whole lies in vector l / L), all of whose lanes saw
 // `n` values. Groups of equal size combine exactly without divisions:
 // mean = average of the means, M2 = sum of the M2s + n * sum of the squared
 // deviations of the means from it (Chan's formula applied to k equal groups).
-template <typename acc_t>
+template <typename acc_t, int kCount>
 inline void merge_lanes(
-    WelfordStat<acc_t>& into, int64_t n, const Vectorized<acc_t>& mean,
-    const Vectorized<acc_t>& m2, int64_t lanes) {
-  if (n == 0 || lanes == 0) {
+    WelfordStat<acc_t>& into, int64_t n, const Vectorized<acc_t> (&mean)[kCount],
+    const Vectorized<acc_t> (&m2)[kCount], int64_t lanes) {
+  using aVec = Vectorized<acc_t>;
+  constexpr int64_t L = aVec::size();
+  if (n == 0 || lanes <= 0) {
     return;
   }
-  constexpr int64_t L = Vectorized<acc_t>::size();
-  acc_t means[L];
-  acc_t m2s[L];
-  mean.store(means);
-  m2.store(m2s);
-  acc_t sum_mean = 0;
-  acc_t sum_m2 = 0;
-  for (int64_t l = 0; l < lanes; ++l) {
-    sum_mean += means[l];
-    sum_m2 += m2s[l];
+  const aVec zero(acc_t(0));
+  // Lanes past `lanes` read as zero.
+  const auto valid = [&](const aVec& v, int j) {
+    const int64_t count = lanes - j * L;
+    return count >= L ? v : aVec::set(zero, v, std::max<int64_t>(count, 0));
+  };
+  aVec sum_mean = zero, sum_m2 = zero;
+  for (int j = 0; j < kCount; ++j) {
+    sum_mean = sum_mean + valid(mean[j], j);
+    sum_m2 = sum_m2 + valid(m2[j], j);
   }
-  const acc_t group_mean = sum_mean / static_cast<acc_t>(lanes);
-  acc_t spread = 0;
-  for (int64_t l = 0; l < lanes; ++l) {
-    const acc_t d = means[l] - group_mean;
-    spread += d * d;
+  const auto add = [](aVec& u, aVec& v) { return u + v; };
+  const acc_t group_mean = at::vec::vec_reduce_all<acc_t>(add, sum_mean) / static_cast<acc_t>(lanes);
+  const aVec gm(group_mean);
+  aVec spread = zero;
+  for (int j = 0; j < kCount; ++j) {
+    const aVec d = valid(mean[j] - gm, j);
+    spread = at::vec::fmadd(d, d, spread);
   }
-  into.merge(WelfordStat<acc_t>{n * lanes, group_mean, sum_m2 + static_cast<acc_t>(n) * spread});
+  const acc_t total_m2 = at::vec::vec_reduce_all<acc_t>(add, sum_m2) +
+      static_cast<acc_t>(n) * at::vec::vec_reduce_all<acc_t>(add, spread);
+  into.merge(WelfordStat<acc_t>{n * lanes, group_mean, total_m2});
 }
 
 // Welford over rows of `len` contiguous values that all belong to one channel
@@ -225,6 +232,10 @@ struct RowWelford {
   static constexpr int kAcc = 4;
   static constexpr int kStepsPerRound = kAcc / IO::kVecs;
   static constexpr int64_t kRound = kStepsPerRound * IO::kStep;
+  // Rows shorter than kPrefetchBytes that are walked with a stride (one
+  // channel's rows of a channels-first tensor) are prefetched this many rows
+  // ahead: the hardware prefetchers do not follow strides across pages.
+  static constexpr int64_t kPrefetchRows = 4;
 
   explicit RowWelford(int64_t len) : len_(len) {
     for (int j = 0; j < kAcc; ++j) {
@@ -232,77 +243,118 @@ struct RowWelford {
     }
   }
 
+  // Accumulates the row's values minus `shift` (see batch_stats_* for why).
+  inline void add_row(const scalar_t* p, const aVec& shift) {
+    add_rows(p, 0, 1, shift);
+  }
+
+  // add_row for `rows` rows, `stride` elements apart.
+  inline void add_rows(const scalar_t* p, int64_t stride, int64_t rows, const aVec& shift) {
+    const int64_t tail = len_ % kRound;
+    add_rows_with_tail<0>(static_cast<int>((tail + IO::kStep - 1) / IO::kStep), p, stride, rows, shift);
+  }
+
+  WelfordStat<acc_t> result() const {
+    WelfordStat<acc_t> out;
+    // Every lane of the round accumulators saw `rounds_` values; the first
+    // len_ % kRound lanes of the tail ones saw `rows_`.
+    merge_lanes(out, rounds_, mean_, m2_, kRound);
+    merge_lanes(out, rows_, tail_mean_, tail_m2_, len_ % kRound);
+    return out;
+  }
+
+ private:
   static inline void update(aVec& mean, aVec& m2, const aVec& v, const aVec& gain) {
     const aVec d = v - mean;
     mean = at::vec::fmadd(d, gain, mean);
     m2 = at::vec::fmadd(d, v - mean, m2);
   }
 
-  // Accumulates the row's values minus `shift` (see batch_stats_* for why).
-  inline void add_row(const scalar_t* p, const aVec& shift) {
-    // The rounds run on local copies of the state: kept in members, every
-    // update would be a load and a store (vector stores may alias anything,
-    // so the compiler cannot keep members in registers across them).
-    const int64_t len = len_;
-    int64_t i = 0;
-    if (len >= kRound) {
-      aVec mean[kAcc], m2[kAcc];
-      for (int j = 0; j < kAcc; ++j) {
-        mean[j] = mean_[j];
-        m2[j] = m2_[j];
+  // Runs add_rows_impl<kTailSteps> for kTailSteps = tail_steps (0 to
+  // kStepsPerRound, the vector steps of a row's tail).
+  template <int kTry>
+  inline void add_rows_with_tail(
+      int tail_steps, const scalar_t* p, int64_t stride, int64_t rows, const aVec& shift) {
+    if constexpr (kTry <= kStepsPerRound) {
+      if (tail_steps == kTry) {
+        add_rows_impl<kTry>(p, stride, rows, shift);
+      } else {
+        add_rows_with_tail<kTry + 1>(tail_steps, p, stride, rows, shift);
       }
-      int64_t rounds = rounds_;
-      for (; i + kRound <= len; i += kRound) {
+    }
+  }
+
+  // The state lives in local variables while the rows are added: kept in
+  // members, every update would be a load and a store (vector stores may
+  // alias anything, so the compiler cannot keep members in registers across
+  // them). With the tail's step count a constant, every accumulator index is
+  // one too, and all of them stay in registers.
+  template <int kTailSteps>
+  inline void add_rows_impl(const scalar_t* p, int64_t stride, int64_t rows, const aVec& shift) {
+    const int64_t len = len_;
+    const int64_t full = len / kRound * kRound;
+    // Values in the tail's last step (kStep when it is a full one).
+    const int64_t last = len - full - (kTailSteps - 1) * IO::kStep;
+    const int64_t row_bytes = len * static_cast<int64_t>(sizeof(scalar_t));
+    const bool prefetch_rows = stride != 0 && row_bytes < kPrefetchBytes;
+    aVec mean[kAcc], m2[kAcc], tail_mean[kAcc], tail_m2[kAcc];
+#pragma GCC unroll 4
+    for (int j = 0; j < kAcc; ++j) {
+      mean[j] = mean_[j];
+      m2[j] = m2_[j];
+      tail_mean[j] = tail_mean_[j];
+      tail_m2[j] = tail_m2_[j];
+    }
+    int64_t rounds = rounds_, tail_rows = rows_;
+    for (int64_t r = 0; r < rows; ++r, p += stride) {
+      if (prefetch_rows) {
+        const int64_t ahead = kPrefetchRows * stride * static_cast<int64_t>(sizeof(scalar_t));
+        for (int64_t offset = 0; offset < row_bytes + 63; offset += 64) {
+          prefetch(p, ahead + offset);
+        }
+      }
+      for (int64_t i = 0; i < full; i += kRound) {
         ++rounds;
         const aVec gain(acc_t(1) / static_cast<acc_t>(rounds));
+#pragma GCC unroll 4
         for (int s = 0; s < kStepsPerRound; ++s) {
           aVec v[IO::kVecs];
           IO::load_ahead(p + i + s * IO::kStep, v);
+#pragma GCC unroll 2
           for (int k = 0; k < IO::kVecs; ++k) {
-            const int j = s * IO::kVecs + k;
-            update(mean[j], m2[j], v[k] - shift, gain);
+            update(mean[s * IO::kVecs + k], m2[s * IO::kVecs + k], v[k] - shift, gain);
           }
         }
       }
-      rounds_ = rounds;
-      for (int j = 0; j < kAcc; ++j) {
-        mean_[j] = mean[j];
-        m2_[j] = m2[j];
+      if constexpr (kTailSteps > 0) {
+        ++tail_rows;
+        const aVec gain(acc_t(1) / static_cast<acc_t>(tail_rows));
+#pragma GCC unroll 4
+        for (int s = 0; s < kTailSteps; ++s) {
+          aVec v[IO::kVecs];
+          if (s + 1 < kTailSteps || last == IO::kStep) {
+            IO::load(p + full + s * IO::kStep, v);
+          } else {
+            IO::load_partial(p + full + s * IO::kStep, last, v);
+          }
+#pragma GCC unroll 2
+          for (int k = 0; k < IO::kVecs; ++k) {
+            update(tail_mean[s * IO::kVecs + k], tail_m2[s * IO::kVecs + k], v[k] - shift, gain);
+          }
+        }
       }
     }
-    if (i == len) {
-      return;
-    }
-    ++rows_;
-    const aVec gain(acc_t(1) / static_cast<acc_t>(rows_));
-    for (int s = 0; i < len; ++s, i += IO::kStep) {
-      aVec v[IO::kVecs];
-      if (i + IO::kStep <= len) {
-        IO::load_ahead(p + i, v);
-      } else {
-        IO::load_partial(p + i, len - i, v);
-      }
-      for (int k = 0; k < IO::kVecs; ++k) {
-        const int j = s * IO::kVecs + k;
-        update(tail_mean_[j], tail_m2_[j], v[k] - shift, gain);
-      }
-    }
-  }
-
-  WelfordStat<acc_t> result() const {
-    WelfordStat<acc_t> out;
+    rounds_ = rounds;
+    rows_ = tail_rows;
+#pragma GCC unroll 4
     for (int j = 0; j < kAcc; ++j) {
-      merge_lanes(out, rounds_, mean_[j], m2_[j], IO::kAccLanes);
+      mean_[j] = mean[j];
+      m2_[j] = m2[j];
+      tail_mean_[j] = tail_mean[j];
+      tail_m2_[j] = tail_m2[j];
     }
-    const int64_t tail = len_ % kRound;
-    for (int j = 0; j * IO::kAccLanes < tail; ++j) {
-      const int64_t valid = std::min<int64_t>(IO::kAccLanes, tail - j * IO::kAccLanes);
-      merge_lanes(out, rows_, tail_mean_[j], tail_m2_[j], valid);
-    }
-    return out;
   }
 
- private:
   int64_t len_;
   aVec mean_[kAcc], m2_[kAcc];
   int64_t rounds_ = 0;
