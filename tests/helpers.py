@@ -56,7 +56,15 @@ def channel_params(C, dtype, device):
 
 def poison_allocator(device, nbytes):
     """Leaves a NaN-filled freed block in the allocator so that an output the
-    kernel fails to write shows up as NaN (effective with CUDA's caching allocator)."""
+    kernel fails to write shows up as NaN: CUDA's caching allocator, or on the
+    CPU fastbn's output pool (outputs of 256 KiB and more), filled by an
+    evaluation pass over NaN."""
     if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
         block = torch.full((nbytes // 4 + 1,), float("nan"), device=device)
+        del block
+    else:
+        nan = torch.full((nbytes // 4 + 1, 1), float("nan"))
+        ones = torch.ones(1)
+        block = torch.ops.fastbn.batch_norm_eval(nan, ones, ones, None, None, 1e-5)
+        assert block.isnan().all()
         del block

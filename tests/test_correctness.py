@@ -200,7 +200,7 @@ def test_large_offset_statistics_are_accurate(device, fmt):
     [
         ((40, 6, 33, 31), "contiguous"),  # fused channel blocks
         ((12, 3, 150, 150), "contiguous"),  # chunks of rows
-        ((300, 16, 10, 10), "contiguous"),  # image walk
+        ((300, 16, 10, 10), "contiguous"),  # gradient sums walk images
         ((40, 6, 33, 31), "channels_last"),
         ((64, 100), "contiguous"),
     ],
@@ -225,6 +225,28 @@ def test_results_do_not_depend_on_thread_count(shape, fmt, dtype):
         torch.set_num_threads(previous)
     for a, b_ in zip(*outputs):
         assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_streamed_output_with_misaligned_rows(dtype, threads):
+    """Outputs of 1 MiB per thread or more are written with streaming stores,
+    which need aligned addresses; these rows (301 * 300 values) start
+    misaligned, so each begins with a partial vector."""
+    shape = (4, 3, 300, 301)
+    x = make_input(shape, dtype, "cpu", "contiguous", offset=0.5, scale=2.0)
+    params = channel_params(shape[1], torch.float64, "cpu")
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for training in (True, False):
+            poison_allocator("cpu", x.numel() * x.element_size())
+            ours, ref = run_both(x, params, training, 0.1, True, True, dtype)
+            assert_close_to_reference(ours[0], ref[0], dtype, f"output train={training}")
+            for i, (g, g_ref) in enumerate(zip(ours[1], ref[1])):
+                assert_close_to_reference(g, g_ref, dtype, f"grad {i} train={training}")
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_grad_output_in_another_layout(device):
