@@ -80,10 +80,15 @@ int64_t images_per_chunk(const Geometry& g) {
 template <typename acc_t, int64_t kPad>
 std::vector<acc_t> periodic(const acc_t* per_channel, int64_t C, int64_t K, int64_t S = 1) {
   std::vector<acc_t> out(K + kPad, acc_t(0));
-  for (int64_t p = 0; p < K; p += C * S) {
+  if (S == 1) {
+    std::copy_n(per_channel, C, out.begin());  // a fill_n per value costs 0.5 us at C = 100
+  } else {
     for (int64_t c = 0; c < C; ++c) {
-      std::fill_n(out.begin() + p + c * S, S, per_channel[c]);
+      std::fill_n(out.begin() + c * S, S, per_channel[c]);
     }
+  }
+  for (int64_t p = C * S; p < K; p += C * S) {  // K is a multiple of C * S
+    std::copy_n(out.begin(), C * S, out.begin() + p);
   }
   return out;
 }
