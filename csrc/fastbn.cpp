@@ -1,35 +1,15 @@
-// The fastbn operator schemas. This is the only place they are declared; the
-// backends register implementations in csrc/cpu and csrc/cuda, autograd lives
-// in csrc/autograd.cpp and the fake (meta) kernels in fastbn/ops.py.
+// The fastbn library: its schemas (written once, in schemas.h) and its direct
+// Python bindings. The backends register implementations in csrc/cpu and
+// csrc/cuda, autograd lives in csrc/autograd.cpp and the fake (meta) kernels
+// in fastbn/ops.py.
 #include "op_handles.h"
+#include "schemas.h"
 #include "cpu/output_pool.h"
 
 #include <torch/extension.h>
 #include <torch/library.h>
 
-TORCH_LIBRARY(fastbn, m) {
-  // Training forward: normalises with the batch statistics and, when given,
-  // updates running_mean / running_var in place:
-  //   running = (1 - momentum) * running + momentum * batch   (unbiased var).
-  // Returns (output, save_mean, save_invstd); the statistics are float32 for
-  // half/bfloat16/float32 inputs and float64 for float64 inputs.
-  m.def(
-      "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, "
-      "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, "
-      "float eps) -> (Tensor, Tensor, Tensor)");
-  // Evaluation forward with the running statistics.
-  m.def(
-      "batch_norm_eval(Tensor input, Tensor running_mean, Tensor running_var, "
-      "Tensor? weight, Tensor? bias, float eps) -> Tensor");
-  // Backward of either forward. `mean` / `invstd` are the statistics the
-  // forward normalised with (save_mean / save_invstd in training, the running
-  // statistics in evaluation); output_mask selects which of
-  // (grad_input, grad_weight, grad_bias) are computed, the others are None.
-  m.def(
-      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, "
-      "Tensor mean, Tensor invstd, bool training, bool[3] output_mask) "
-      "-> (Tensor?, Tensor?, Tensor?)");
-}
+TORCH_LIBRARY(fastbn, m) { fastbn::define_schemas(m); }
 
 // Direct Python bindings of the same operators (through the dispatcher, so
 // autograd and every backend apply). Eager calls use them because a pybind

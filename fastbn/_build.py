@@ -21,6 +21,14 @@ CPU_SOURCES = [
 CUDA_SOURCES = [
     "csrc/cuda/batch_norm_cuda.cu",
 ]
+# The SIMT backend's runtime (tests only, never in a user's build): with the
+# CUDA_SOURCES rewritten for it, it runs the CUDA kernels on the CPU
+# (tests/simt_backend.py builds it).
+SIMT_RUNTIME_SOURCES = [
+    "csrc/simt/runtime.cpp",
+    "csrc/simt/guarded_allocator.cpp",
+    "csrc/simt/module.cpp",
+]
 
 
 def _env_flag(name: str) -> bool:

@@ -22,6 +22,7 @@
 #include <array>
 #include <atomic>
 #include <limits>
+#include <type_traits>
 
 namespace fastbn::cuda {
 namespace {
@@ -448,8 +449,10 @@ std::tuple<OptTensor, OptTensor, OptTensor> batch_norm_backward_cuda(
       dispatch_layout_and_index(g, [&](auto channels_last, auto index_tag) {
         using index_t = decltype(index_tag);
         constexpr bool kChannelsLast = decltype(channels_last)::value;
-        const auto launch = [&](auto kernel) {
-          kernel<<<elementwise_grid(g.numel(), device), kElementwiseThreads, 0, stream>>>(
+        const auto launch = [&](auto training_tag) {
+          constexpr bool kTraining = decltype(training_tag)::value;
+          grad_input_kernel<scalar_t, acc_t, param_t, index_t, kChannelsLast, kTraining>
+              <<<elementwise_grid(g.numel(), device), kElementwiseThreads, 0, stream>>>(
               dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
               out->buffer.mutable_data_ptr<scalar_t>(), mean_c.const_data_ptr<acc_t>(),
               invstd_c.const_data_ptr<acc_t>(), const_data_or_null<param_t>(w), sum_dy, sum_dy_xmu,
@@ -458,9 +461,9 @@ std::tuple<OptTensor, OptTensor, OptTensor> batch_norm_backward_cuda(
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
         if (training) {
-          launch(grad_input_kernel<scalar_t, acc_t, param_t, index_t, kChannelsLast, true>);
+          launch(std::true_type{});
         } else {
-          launch(grad_input_kernel<scalar_t, acc_t, param_t, index_t, kChannelsLast, false>);
+          launch(std::false_type{});
         }
       });
     });

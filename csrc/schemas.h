@@ -1,0 +1,35 @@
+// The fastbn operator schemas, defined once. The library `fastbn` declares
+// them (csrc/fastbn.cpp); the test-only SIMT backend declares the same
+// schemas for its library `fastbn_simt` (csrc/simt/module.cpp), so the
+// emulated CUDA kernels can never be mistaken for the CPU ones.
+#pragma once
+
+#include <torch/library.h>
+
+namespace fastbn {
+
+inline void define_schemas(torch::Library& m) {
+  // Training forward: normalises with the batch statistics and, when given,
+  // updates running_mean / running_var in place:
+  //   running = (1 - momentum) * running + momentum * batch   (unbiased var).
+  // Returns (output, save_mean, save_invstd); the statistics are float32 for
+  // half/bfloat16/float32 inputs and float64 for float64 inputs.
+  m.def(
+      "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, "
+      "float eps) -> (Tensor, Tensor, Tensor)");
+  // Evaluation forward with the running statistics.
+  m.def(
+      "batch_norm_eval(Tensor input, Tensor running_mean, Tensor running_var, "
+      "Tensor? weight, Tensor? bias, float eps) -> Tensor");
+  // Backward of either forward. `mean` / `invstd` are the statistics the
+  // forward normalised with (save_mean / save_invstd in training, the running
+  // statistics in evaluation); output_mask selects which of
+  // (grad_input, grad_weight, grad_bias) are computed, the others are None.
+  m.def(
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, "
+      "Tensor mean, Tensor invstd, bool training, bool[3] output_mask) "
+      "-> (Tensor?, Tensor?, Tensor?)");
+}
+
+}  // namespace fastbn
