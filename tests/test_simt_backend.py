@@ -292,3 +292,11 @@ def test_more_channels_than_a_grid_dimension_holds(backend, shape):
     reduce_grids = [launch["grid"] for call in backend.calls for launch in call.launches
                     if launch["kernel"].startswith("reduce_")]
     assert all(max(g[1], g[2]) <= 65535 for g in reduce_grids)
+
+
+def test_channel_of_more_than_two_to_the_24_values(backend):
+    """Counts held in float32 are exact only up to 2^24: one channel of
+    1025 x 16384 values (more than that) keeps fp32 accuracy."""
+    x = make_input((1025, 1, 16384), torch.float32, "cpu", offset=3.0, scale=2.0)
+    assert x.numel() > 2**24
+    train_and_backward_against_reference(x)
