@@ -269,3 +269,28 @@ def test_forward_ad_half_input_with_float_params(device, training):
         expected = fwAD.unpack_dual(y_ref).tangent
     assert tangent.dtype == torch.float16
     torch.testing.assert_close(tangent.double(), expected, rtol=2e-3, atol=2e-3 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("training", MODES, ids=["train", "eval"])
+def test_double_backward_low_precision_against_float64_torch(device, dtype, training):
+    """Half inputs with float32 parameters (autocast's case): second-order
+    gradients within the input dtype's rounding of torch's in float64."""
+    rtol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    x64 = torch.randn(8, 3, 5, dtype=torch.float64, device=device)
+    coefficients = torch.randn_like(x64)
+    w = torch.randn(3, device=device) + 0.5
+    rm, rv = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
+    results = []
+    for x, weight, stats in (
+        (x64.to(dtype), w, (rm, rv)),
+        (x64.to(dtype).double(), w.double(), (rm.double(), rv.double())),
+    ):
+        x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        fn = fastbn.batch_norm if not results else F.batch_norm
+        y = fn(x, stats[0].clone(), stats[1].clone(), weight, None, training)
+        gx, gw = torch.autograd.grad((y.double() ** 3).sum(), (x, weight), create_graph=True)
+        results.append(torch.autograd.grad((gx.double() * coefficients).sum() + gw.double().sum(), (x, weight)))
+    for g, g_ref in zip(*results):
+        assert g is not None
+        torch.testing.assert_close(g.double(), g_ref, rtol=rtol, atol=rtol * g_ref.abs().max().item())
