@@ -107,8 +107,8 @@ void set_tangent(const Tensor& output, const Tensor& tangent) {
 
 // Graph nodes are written like the ones ATen's generated autograd kernels
 // build (torch::autograd::Function cannot be used under torch.func's
-// transforms). torch 2.14 holds nodes in c10::intrusive_ptr, earlier versions
-// in std::shared_ptr.
+// transforms). torch 2.14 holds nodes in c10::intrusive_ptr, older versions
+// in std::shared_ptr: make_node follows the type Tensor::grad_fn() returns.
 using NodePtr = std::decay_t<decltype(std::declval<const at::TensorBase&>().grad_fn())>;
 
 template <typename N>
