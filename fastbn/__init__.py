@@ -7,6 +7,7 @@
 """
 from ._loader import build_info
 from . import ops  # loads the extension (AOT or JIT) and registers fake kernels
+from . import batching  # registers the vmap rules
 from . import reference
 from .functional import batch_norm
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert

@@ -15,6 +15,7 @@ EXTENSION_NAME = "fastbn._C"
 CPU_SOURCES = [
     "csrc/fastbn.cpp",
     "csrc/autograd.cpp",
+    "csrc/legacy_batching.cpp",
     "csrc/cpu/batch_norm_cpu.cpp",
     "csrc/cpu/output_pool.cpp",
 ]

@@ -27,16 +27,49 @@ def batch_norm(
     unbiased batch variance for running_var. training=False normalises with the
     running statistics.
     """
-    # Compiled and traced code must see torch.ops; eager calls take the
-    # cheaper direct binding of the same operators.
-    compiling = is_compiling()
+    # eps as torch checks it (torch.nn.functional.batch_norm, before anything runs).
     if training:
-        train = ops.batch_norm_train if compiling else ops.eager_batch_norm_train
-        return train(input, weight, bias, running_mean, running_var, momentum, eps)[0]
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if is_compiling():
+        # Compiled and traced code must see torch.ops.
+        if input.numel() == 0:
+            return _empty_batch_norm(input, weight, bias)
+        if training:
+            return ops.batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps)[0]
+        _check_eval_running_stats(running_mean, running_var)
+        return ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+    # Eager calls take the cheaper direct binding of the same operators. The
+    # rare cases below are sorted out once a call has failed, so that they
+    # cost the common call nothing.
+    try:
+        if training:
+            return ops.eager_batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps)[0]
+        return ops.eager_batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+    except (RuntimeError, TypeError):
+        if input.numel() == 0:
+            return _empty_batch_norm(input, weight, bias)
+        if not training:
+            _check_eval_running_stats(running_mean, running_var)
+        raise
+
+
+def _check_eval_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> None:
     if running_mean is None or running_var is None:
         raise RuntimeError(
             "fastbn.batch_norm: running_mean and running_var must be given in evaluation mode "
             "(training=False)"
         )
-    evaluate = ops.batch_norm_eval if compiling else ops.eager_batch_norm_eval
-    return evaluate(input, running_mean, running_var, weight, bias, eps)
+
+
+def _empty_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """torch's result for an input without elements, whatever its shape or dtype:
+    a copy of it (not a view), kept in the graph of weight and bias."""
+    out = input.clone()
+    if weight is not None:
+        out = out * weight[0]
+    if bias is not None:
+        out = out + bias[0]
+    return out

@@ -119,3 +119,64 @@ def test_module_bad_input_leaves_every_buffer_untouched(device):
     for k, v in bn.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert bn.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0])
+def test_eps_must_be_positive_in_training(device, eps):
+    x = torch.randn(4, 3, 5, device=device)
+    with pytest.raises(ValueError, match=f"batch_norm eps must be positive during training, but got {eps}"):
+        F.batch_norm(x, None, None, training=True, eps=eps)
+    assert_rejected(
+        device, ValueError, f"batch_norm eps must be positive during training, but got {eps}",
+        lambda rm, rv: fastbn.batch_norm(x, rm, rv, training=True, eps=eps),
+    )
+
+
+def test_eps_must_be_non_negative_in_eval(device):
+    x = torch.randn(4, 3, 5, device=device)
+    assert_rejected(
+        device, ValueError, "batch_norm eps must be non-negative, but got -0.5",
+        lambda rm, rv: fastbn.batch_norm(x, rm, rv, training=False, eps=-0.5),
+    )
+    # eps = 0 is allowed in evaluation, as torch allows it.
+    rm, rv = buffers(device)
+    torch.testing.assert_close(
+        fastbn.batch_norm(x, rm, rv, training=False, eps=0.0),
+        F.batch_norm(x, rm, rv, training=False, eps=0.0), rtol=1e-5, atol=1e-5,
+    )
+
+
+def test_module_eps_checked_as_torch(device):
+    x = torch.randn(4, 3, device=device)
+    for eps in (0.0, -1.0):
+        ours, theirs = fastbn.BatchNorm1d(3, eps=eps).to(device), torch.nn.BatchNorm1d(3, eps=eps).to(device)
+        for module in (ours, theirs):
+            with pytest.raises(ValueError, match="eps must be positive"):
+                module(x)
+        assert ours.num_batches_tracked.item() == 0 and torch.equal(ours.running_mean, theirs.running_mean)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_one_dim_input_returns_empty_as_torch(device, training):
+    x = torch.randn(0, device=device, requires_grad=True)
+    stats = torch.randn(0, device=device), torch.rand(0, device=device)
+    y = fastbn.batch_norm(x, *stats, training=training)
+    y_ref = F.batch_norm(x, *stats, training=training)
+    assert y.shape == y_ref.shape == (0,) and y.dtype == y_ref.dtype
+    # A new tensor in x's graph, as torch returns (not x itself, not detached).
+    assert y is not x and y.requires_grad and y.grad_fn is not None
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_float64_input_into_a_float32_module_as_torch(device, training):
+    ours, theirs = fastbn.BatchNorm1d(3).to(device), torch.nn.BatchNorm1d(3).to(device)
+    ours.train(training)
+    theirs.train(training)
+    x = torch.randn(0, 3, dtype=torch.float64, device=device, requires_grad=True)
+    y, y_ref = ours(x), theirs(x)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype == torch.float64
+    y.sum().backward()
+    y_ref.sum().backward()
+    assert torch.equal(ours.weight.grad, theirs.weight.grad) and torch.equal(ours.bias.grad, theirs.bias.grad)
+    for name, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value), name

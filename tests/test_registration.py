@@ -1,4 +1,4 @@
-"""Operator registration: opcheck, gradcheck in float64, torch.compile, double backward."""
+"""Operator registration: opcheck, gradcheck and gradgradcheck in float64, torch.compile."""
 import pytest
 import torch
 from torch import nn
@@ -66,11 +66,20 @@ def test_gradcheck_float64(device, fmt, shape, training):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
 
 
-def test_double_backward_raises_a_clear_error(device):
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradgradcheck_float64(device, training):
+    """Double backward is supported (its own formula; see test_autograd_features.py
+    for the comparison with torch's)."""
     x = make_input((4, 3, 5), torch.float64, device).requires_grad_()
-    y = fastbn.batch_norm(x, None, None, training=True)
-    with pytest.raises(RuntimeError, match="does not support double backward"):
-        torch.autograd.grad((y ** 3).sum(), x, create_graph=True)
+    w = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+    rm = torch.randn(3, dtype=torch.float64, device=device)
+    rv = torch.rand(3, dtype=torch.float64, device=device) + 0.5
+
+    def fn(x, w, b):
+        return fastbn.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
+
+    assert torch.autograd.gradgradcheck(fn, (x, w, b), check_batched_grad=True, check_fwd_over_rev=True)
 
 
 class ConvBNReLU(nn.Module):
