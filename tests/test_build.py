@@ -81,3 +81,20 @@ def test_ahead_of_time_build_keeps_its_objects_for_the_next_build(tmp_path):
         "a rebuild would compile (sources changed since the last build? run `bash scripts/setup.sh`):\n"
         + dry_run.stdout + dry_run.stderr)
 
+
+def test_loading_the_prebuilt_extension_does_not_import_cpp_extension():
+    """torch.utils.cpp_extension looks for CUDA_HOME when imported and, on a
+    machine with a CUDA toolkit but no GPU, warns "No CUDA runtime is found".
+    Importing fastbn and its entry points (AOT build) must not import it."""
+    if fastbn.build_info()["loaded"] != "aot":
+        pytest.skip("the JIT build imports torch.utils.cpp_extension to compile")
+    script = (
+        "import sys, fastbn, fastbn.bench, fastbn.mnist, fastbn.demo\n"
+        "print(sorted(m for m in sys.modules if m.startswith('torch.utils.cpp_extension')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FASTBN_JIT"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    assert "No CUDA runtime is found" not in result.stderr
