@@ -52,7 +52,8 @@ def cpu_model() -> str:
 def machine_line(env: dict) -> str:
     """The subtitle of a run's plots: where, how many threads, which torch, when."""
     where = env["device_name"] if env["device"] == "cuda" else env.get("cpu_model") or env["device_name"]
-    return f"{where}, {env['threads']} threads, torch {env['torch']}, {env['date'][:10]}"
+    threads = f"{env['threads']} thread{'' if env['threads'] == 1 else 's'}"
+    return f"{where}, {threads}, torch {env['torch']}, {env['date'][:10]}"
 
 
 # Plots are read scaled down on a screen: fonts a little larger than matplotlib's.
