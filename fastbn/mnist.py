@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import fastbn
+
 # Timing with fastbn.bench's loop rather than torch.utils.benchmark, whose
 # import pulls in torch.utils.cpp_extension and with it a warning about
 # CUDA_HOME on machines without a GPU.
@@ -91,11 +92,13 @@ def _find_dataset(name: str, root: Path, download: bool, tried: list[str]):
     try:
         train, test = _torchvision_dataset(name, root, download)
         return train, test, f"{name} from {root}"
-    except RuntimeError as error:
+    except (RuntimeError, ValueError, OSError, EOFError) as error:  # what missing or bad files raise
         if download:
             tried.append(f"downloading {DATASET_NAMES[name]} into {folder} failed: {_one_line(error)}")
-        else:
+        elif "dataset not found" in str(error).lower():
             tried.append(f"{DATASET_NAMES[name]} is not in {folder}")
+        else:  # there, but unreadable (truncated or corrupt files)
+            tried.append(f"{DATASET_NAMES[name]} in {folder} could not be read: {_one_line(error)}")
     if name == "fashion-mnist":
         if all((DEBIAN_FASHION_MNIST / f"{n}.gz").exists() for n in IDX_FILES):
             _stage_debian_fashion_mnist(root)

@@ -216,3 +216,12 @@ def test_curves_of_one_epoch_have_whole_epoch_ticks_and_a_machine_subtitle(tmp_p
         low, high = ax.get_xlim()
         ticks = [t for t in ax.get_xticks() if low <= t <= high]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_unreadable_dataset_files_are_reported_as_such(tmp_path, debian_fashion_mnist):
+    root = tmp_path / "data"
+    raw = root / "MNIST" / "raw"
+    _write_idx_files(raw, gz=False)
+    (raw / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03")  # truncated header
+    with pytest.raises(mnist.DataNotFound, match=rf"no MNIST data: MNIST in {raw} could not be read: "):
+        mnist.load_data("mnist", root)
