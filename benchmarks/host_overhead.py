@@ -20,7 +20,7 @@ def median_us(fn, args, rounds, min_run_time):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python benchmarks/host_overhead.py", description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-run-time", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=None)

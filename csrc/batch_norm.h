@@ -139,10 +139,14 @@ inline void check_channel_tensor(
     const Tensor& t, const char* name, const Tensor& input, const char* op) {
   const int64_t C = input.size(1);
   TORCH_CHECK(
-      t.dim() == 1 && t.size(0) == C,
-      op, ": expected ", name, " to have shape [", C,
-      "] (one value per channel of input of shape ", shape_string(input),
-      "), got shape ", shape_string(t));
+      t.dim() == 1, op, ": expected ", name, " to be 1-d with one value per channel, shape [", C,
+      "] for input of shape ", shape_string(input), ", got shape ", shape_string(t));
+  // Framed as torch frames it: the input's channel count is what does not
+  // match what the layer (its parameters and buffers) was built for.
+  TORCH_CHECK(
+      t.size(0) == C, op, ": input has ", C, " channels (input shape ", shape_string(input),
+      ") where ", name, " expects ", t.size(0), " (", name, " of shape ", shape_string(t),
+      " holds one value per channel)");
   TORCH_CHECK(
       t.device() == input.device(),
       op, ": expected ", name, " on the input's device ", input.device(),
@@ -257,8 +261,8 @@ inline at::ScalarType check_backward_args(
       grad_output.scalar_type() == input.scalar_type(), op, ": expected grad_output of dtype ",
       input.scalar_type(), ", got ", grad_output.scalar_type());
   TORCH_CHECK(
-      grad_output.device() == input.device(), op, ": expected grad_output on ", input.device(),
-      ", got ", grad_output.device());
+      grad_output.device() == input.device(), op, ": expected grad_output on the input's device ",
+      input.device(), ", got grad_output on ", grad_output.device());
   const at::ScalarType param_type = check_params(input, {{"weight", &weight}}, op);
   check_stat_tensor(mean, "mean", input, op);
   check_stat_tensor(invstd, "invstd", input, op);

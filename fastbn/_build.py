@@ -11,6 +11,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTENSION_NAME = "fastbn._C"
+# Where setup.py keeps the ahead-of-time build's object files and ninja log
+# between builds (covered by .gitignore's build/).
+BUILD_TEMP = ROOT / "build" / "temp"
 
 CPU_SOURCES = [
     "csrc/fastbn.cpp",

@@ -22,7 +22,9 @@ bandwidth (dst.copy_(src), 2 bytes moved per byte copied) measured in the
 same run.
 
 Writes results.json (every number, device, versions, date), summary.md,
-speedup.png and bandwidth.png to --out.
+speedup.png and bandwidth.png to --out, by default a new folder
+results/runs/bench-<device>-<host>-<date>/ (ignored by git; the reference
+results the README cites are in results/cpu/ and results/cpu-1thread/).
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ import torch
 import torch.nn.functional as F
 
 import fastbn
+from fastbn._cli import (PLOT_STYLE, cpu_model, default_run_dir, label_log_axis, machine_line, pyplot,
+                         resolve_device, save_figure)
 
 MODES = ("train_fwd", "train_fwdbwd", "eval_fwd")
 # Elements moved per input element: (two-pass model, floor).
@@ -110,6 +114,22 @@ def make_cases(shapes, dtypes, formats, modes) -> list[Case]:
                 for mode in modes:
                     cases.append(Case(label, tuple(shape), dtype, fmt, mode))
     return cases
+
+
+def cpu_caches() -> dict[str, str]:
+    """CPU cache sizes as Linux reports them for cpu0, e.g. {"L1d": "48K", "L2": "2048K", "L3": "..."}."""
+    caches = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        with contextlib.suppress(OSError):
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
+            caches[f"L{level}{suffix}"] = (index / "size").read_text().strip()
+    return caches
+
+
+def caches_text(env: dict) -> str:
+    return ", ".join(f"{level} {size}" for level, size in env.get("cpu_caches", {}).items()) or "unknown"
 
 
 def last_level_cache_bytes(device: str) -> int:
@@ -273,7 +293,8 @@ def environment(device: str, copy_bw: float) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device,
         "device_name": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()})",
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
+        "cpu_caches": cpu_caches(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -285,14 +306,6 @@ def environment(device: str, copy_bw: float) -> dict:
         "byte_model": {m: {"two_pass": a, "floor": f} for m, (a, f) in BYTE_MODEL.items()},
     }
     return info
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def case_metrics(case: Case, copy_bw: float) -> dict:
@@ -332,30 +345,45 @@ def summarize(cases: list[Case], metrics: list[dict]) -> dict:
 
 
 def format_table(cases: list[Case], metrics: list[dict], names: list[str]) -> str:
-    head = f"{'case':<44}{'shape':>22}" + "".join(f"{n + ' us':>18}" for n in names)
-    head += "".join(f"{'x vs ' + n:>16}" for n in names if n != "fastbn") + f"{'%bw':>7}"
-    lines = [head, "-" * len(head)]
-    for c, m in zip(cases, metrics):
-        line = f"{c.mode + ' ' + c.dtype + ' ' + c.fmt + ' ' + c.label:<44}{'x'.join(map(str, c.shape)):>22}"
-        line += "".join(f"{c.times_us[n]:>18.1f}" for n in names)
-        line += "".join(f"{m['speedup'][n]:>16.2f}" for n in names if n != "fastbn")
-        line += f"{100 * m['fastbn_fraction_of_copy_bw']:>7.0f}"
-        lines.append(line)
-    return "\n".join(lines)
+    """A plain-text table whose columns are as wide as their longest entry."""
+    others = [n for n in names if n != "fastbn"]
+    header = ["case", "shape", *(f"{n} us" for n in names), *(f"x vs {n}" for n in others), "%bw"]
+    rows = [
+        [f"{c.mode} {c.dtype} {c.fmt} {c.label}", "x".join(map(str, c.shape)),
+         *(f"{c.times_us[n]:.1f}" for n in names), *(f"{m['speedup'][n]:.2f}" for n in others),
+         f"{100 * m['fastbn_fraction_of_copy_bw']:.0f}"]
+        for c, m in zip(cases, metrics)
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):  # the case name left-aligned, the numbers right-aligned
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                         for i, (cell, w) in enumerate(zip(cells, widths)))
+
+    head = line(header)
+    return "\n".join([head, "-" * len(head), *(line(row) for row in rows)])
+
+
+def worst_ratio_label(names: list[str]) -> str:
+    """What summarize's worst_ratio_vs_best_torch is, in words."""
+    torch_contenders = [n for n in names if n != "fastbn"]
+    versus = "torch" if len(torch_contenders) == 1 else "fastest torch variant"
+    return f"worst time ratio fastbn/{versus} (below 1 = faster)"
 
 
 def markdown_summary(env: dict, cases: list[Case], metrics: list[dict], summary: dict, names: list[str]) -> str:
     lines = [
         f"# fastbn kernel benchmark ({env['device']})",
         "",
-        f"{env['date']} on {env['device_name']} ({env['cpu_model']}), {env['threads']} threads, "
+        f"{env['date']} on {env['device_name']} ({env['cpu_model']}; caches {caches_text(env)}), "
+        f"{env['threads']} threads, "
         f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}; "
         f"copy bandwidth {env['copy_bandwidth_GBps']:.1f} GB/s.",
         "",
         "Speedup = contender time / fastbn time (> 1: fastbn is faster). %bw: fastbn's effective "
         "bandwidth under the two-pass byte model (3N fwd, 5N bwd, 2N eval) as a share of the copy bandwidth.",
         "",
-        "| mode | cases | " + " | ".join(f"geomean vs {n}" for n in names if n != "fastbn") + " | worst fastbn/best-torch |",
+        "| mode | cases | " + " | ".join(f"geomean vs {n}" for n in names if n != "fastbn") + f" | {worst_ratio_label(names)} |",
         "|---|---|" + "---|" * (len(names) - 1) + "---|",
     ]
     for mode, s in summary.items():
@@ -381,46 +409,49 @@ def markdown_summary(env: dict, cases: list[Case], metrics: list[dict], summary:
     return "\n".join(lines) + "\n"
 
 
-def plot(cases: list[Case], metrics: list[dict], names: list[str], out: Path, title: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(cases: list[Case], metrics: list[dict], names: list[str], out: Path, env: dict) -> list[str]:
+    """speedup.png and bandwidth.png: one bar group per case, the figure as
+    tall as its cases need, the machine in the subtitle."""
+    plt = pyplot()
     labels = [f"{c.mode} {c.dtype} {c.fmt} {'x'.join(map(str, c.shape))}" for c in cases]
-    height = max(4, 0.22 * len(cases) + 1.5)
-    written = []
-
-    fig, ax = plt.subplots(figsize=(11, height))
+    rows = range(len(cases))
+    # About 0.2 in per case keeps 10-point labels apart; the rest is titles and axis.
+    size = (12, 0.2 * len(cases) + 2.2)
+    subtitle = machine_line(env)
     others = [n for n in names if n != "fastbn"]
-    bar = 0.8 / len(others)
-    for k, n in enumerate(others):
-        ax.barh([i + k * bar for i in range(len(cases))], [m["speedup"][n] for m in metrics], height=bar, label=f"vs {n}")
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_yticks([i + 0.4 - bar / 2 for i in range(len(cases))], labels, fontsize=6)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("speedup of fastbn (contender time / fastbn time)")
-    ax.set_title(f"fastbn speedup — {title}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "speedup.png", dpi=110)
-    plt.close(fig)
-    written.append("speedup.png")
 
-    fig, ax = plt.subplots(figsize=(11, height))
-    ax.barh([i for i in range(len(cases))], [100 * m["fastbn_fraction_of_copy_bw"] for m in metrics], height=0.4, label="fastbn")
-    ax.barh([i + 0.4 for i in range(len(cases))], [100 * m["torch_fraction_of_copy_bw"] for m in metrics], height=0.4, label="torch")
-    ax.set_yticks([i + 0.2 for i in range(len(cases))], labels, fontsize=6)
-    ax.invert_yaxis()
-    ax.set_xlabel("effective bandwidth, % of copy bandwidth (two-pass byte model)")
-    ax.set_title(f"fraction of copy bandwidth — {title}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "bandwidth.png", dpi=110)
-    plt.close(fig)
-    written.append("bandwidth.png")
-    return written
+    with plt.rc_context(PLOT_STYLE):
+        fig, ax = plt.subplots(figsize=size, layout="constrained")
+        bar = 0.8 / len(others)
+        for k, n in enumerate(others):
+            ax.barh([i - 0.4 + (k + 0.5) * bar for i in rows], [m["speedup"][n] for m in metrics],
+                    height=bar, label=f"vs {n}")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_yticks(list(rows), labels)
+        ax.set_ylim(len(cases) - 0.5, -0.5)  # first case on top, no empty band
+        ax.set_xscale("log")
+        label_log_axis(ax, "x")
+        ax.set_xlabel("speedup of fastbn (contender time / fastbn time; right of the line = faster)")
+        ax.grid(axis="x", alpha=0.3)
+        if len(others) > 1:
+            ax.legend(loc="lower right")
+        save_figure(fig, out / "speedup.png", "fastbn speedup over " + ", ".join(others), subtitle)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=size, layout="constrained")
+        ax.barh([i - 0.2 for i in rows], [100 * m["fastbn_fraction_of_copy_bw"] for m in metrics],
+                height=0.4, label="fastbn")
+        ax.barh([i + 0.2 for i in rows], [100 * m["torch_fraction_of_copy_bw"] for m in metrics],
+                height=0.4, label="torch")
+        ax.set_yticks(list(rows), labels)
+        ax.set_ylim(len(cases) - 0.5, -0.5)
+        ax.tick_params(axis="x", labeltop=True)
+        ax.set_xlabel("effective bandwidth, % of copy bandwidth (two-pass byte model)")
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(loc="lower right")
+        save_figure(fig, out / "bandwidth.png", "fraction of copy bandwidth", subtitle)
+        plt.close(fig)
+    return ["speedup.png", "bandwidth.png"]
 
 
 def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -447,15 +478,14 @@ def parse_args(argv=None):
                         help="seconds of timing per contender and case (default 0.25, quick 0.05)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default results/<device>)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: a new results/runs/bench-<device>-<host>-<date>/)")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
 
 def run(args) -> dict:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    device = resolve_device(args.device, "fastbn.bench")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = (args.dtypes or ("fp32,fp16,bf16" if device == "cuda" else "fp32,bf16")).split(",")
@@ -470,7 +500,7 @@ def run(args) -> dict:
     else:
         shapes = args.shapes or default_shapes(device)
     min_run_time = args.min_run_time or (0.05 if args.quick else 0.25)
-    out = args.out or Path("results") / device
+    out = args.out or default_run_dir("bench", device)
     out.mkdir(parents=True, exist_ok=True)
 
     from tqdm import tqdm
@@ -512,7 +542,8 @@ def run(args) -> dict:
     print(table)
     for mode, s in summary.items():
         speedups = ", ".join(f"{k} {v:.2f}x" for k, v in s["geomean_speedup"].items())
-        print(f"{mode}: geomean speedup of fastbn over {speedups}; worst fastbn/best-torch {s['worst_ratio_vs_best_torch']:.2f}")
+        print(f"{mode}: geomean speedup of fastbn over {speedups}; "
+              f"{worst_ratio_label(names)}: {s['worst_ratio_vs_best_torch']:.2f}")
 
     result = {
         "environment": env,
@@ -525,7 +556,7 @@ def run(args) -> dict:
     (out / "summary.md").write_text(markdown_summary(env, cases, metrics, summary, names))
     files = ["results.json", "summary.md"]
     if not args.no_plots:
-        files += plot(cases, metrics, names, out, f"{env['device_name']}, {env['date'][:10]}")
+        files += plot(cases, metrics, names, out, env)
     print(f"wrote {', '.join(str(out / f) for f in files)}")
     return result
 

@@ -10,16 +10,23 @@ import torch
 import torch.nn.functional as F
 
 import fastbn
+from fastbn._cli import resolve_device
 from fastbn.models import conv_net
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fastbn.demo", description=__doc__)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda when a GPU is present, else cpu")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.device = resolve_device(args.device, "fastbn.demo")
 
     torch.manual_seed(args.seed)
     reference = conv_net("torch").to(args.device)

@@ -10,7 +10,13 @@ initial weights and the data order, so their curves should agree to rounding.
 Also times one training step (forward + backward + SGD step, data resident on
 the device) at batch 64 and 1024: eager, and on CUDA captured in a CUDA graph.
 
-Writes results.json, summary.md, curves.png and step_times.png to --out.
+Data: --dataset mnist or fashion-mnist from --data-root (default
+~/.cache/fastbn/data), --download to fetch it there. Without --dataset, MNIST,
+else Fashion-MNIST (also from Debian's dataset-fashion-mnist files), saying so.
+
+Writes results.json, summary.md, curves.png and step_times.png to --out, by
+default a new folder results/runs/mnist-<device>-<host>-<date>/ (ignored by
+git), once the run is done.
 """
 from __future__ import annotations
 
@@ -25,14 +31,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.benchmark import Timer
-
 import fastbn
+
+# Timing with fastbn.bench's loop rather than torch.utils.benchmark, whose
+# import pulls in torch.utils.cpp_extension and with it a warning about
+# CUDA_HOME on machines without a GPU.
+from fastbn.bench import interleaved_medians
+from fastbn._cli import (PLOT_STYLE, cpu_model, default_run_dir, label_log_axis, machine_line, pyplot,
+                         resolve_device, save_figure)
 from fastbn.models import MODELS
 
 VARIANTS = ("torch", "fastbn", "none")
+VARIANT_LABELS = {"torch": "torch BN", "fastbn": "fastbn BN", "none": "no BN"}
 DEFAULT_EPOCHS = {"mlp": 10, "conv": 5}
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_DATA_ROOT = Path.home() / ".cache" / "fastbn" / "data"
 IDX_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -58,6 +71,13 @@ def _stage_debian_fashion_mnist(root: Path) -> None:
             shutil.copyfileobj(src, dst)
 
 
+DATASET_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
 def _torchvision_dataset(name: str, root: Path, download: bool):
     from torchvision import datasets
 
@@ -65,41 +85,61 @@ def _torchvision_dataset(name: str, root: Path, download: bool):
     return cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
 
 
-def load_data(dataset: str, root: Path, download: bool = False):
+def _find_dataset(name: str, root: Path, download: bool, tried: list[str]):
+    """(train, test, description) of dataset `name`, or None; appends each
+    place looked at, and why it failed, to `tried`."""
+    folder = root / ("MNIST" if name == "mnist" else "FashionMNIST") / "raw"
+    try:
+        train, test = _torchvision_dataset(name, root, download)
+        return train, test, f"{name} from {root}"
+    except (RuntimeError, ValueError, OSError, EOFError) as error:  # what missing or bad files raise
+        if download:
+            tried.append(f"downloading {DATASET_NAMES[name]} into {folder} failed: {_one_line(error)}")
+        elif "dataset not found" in str(error).lower():
+            tried.append(f"{DATASET_NAMES[name]} is not in {folder}")
+        else:  # there, but unreadable (truncated or corrupt files)
+            tried.append(f"{DATASET_NAMES[name]} in {folder} could not be read: {_one_line(error)}")
+    if name == "fashion-mnist":
+        if all((DEBIAN_FASHION_MNIST / f"{n}.gz").exists() for n in IDX_FILES):
+            _stage_debian_fashion_mnist(root)
+            train, test = _torchvision_dataset(name, root, False)
+            return train, test, f"fashion-mnist from {DEBIAN_FASHION_MNIST} (Debian's dataset-fashion-mnist)"
+        tried.append(f"Debian's dataset-fashion-mnist files are not in {DEBIAN_FASHION_MNIST}")
+    return None
+
+
+def load_data(dataset: str | None, root: Path, download: bool = False):
     """Returns ((train_x, train_y), (test_x, test_y), description).
 
     Images are float32 in [-1, 1] of shape (N, 1, 28, 28), as the tutorial's
-    ToTensor + Normalize((0.5,), (0.5,)). Falls back from MNIST to Debian's
-    Fashion-MNIST files when MNIST is not there, and says so.
+    ToTensor + Normalize((0.5,), (0.5,)). dataset None means not chosen:
+    MNIST, else Fashion-MNIST (same format), and the description says so. A
+    dataset chosen explicitly is used or the call fails with DataNotFound,
+    naming every place tried (and the download error, if one was tried).
     """
-    notes = []
-    train = test = None
-    try:
-        train, test = _torchvision_dataset(dataset, root, download)
-        description = f"{dataset} from {root}"
-    except RuntimeError as error:
-        if "not found" not in str(error).lower() and "download" not in str(error).lower():
-            raise
-        if dataset == "mnist":
-            notes.append(f"MNIST is not in {root} (use --download where the internet is reachable)")
-        if not all((DEBIAN_FASHION_MNIST / f"{n}.gz").exists() for n in IDX_FILES):
-            raise DataNotFound(
-                f"no {dataset} data in {root}. Get MNIST with `python -m fastbn.mnist --download` "
-                "(needs the internet), or on Debian/Ubuntu `apt-get install dataset-fashion-mnist` "
-                "and run with --dataset fashion-mnist (or let MNIST fall back to it)."
-            ) from error
-        _stage_debian_fashion_mnist(root)
-        train, test = _torchvision_dataset("fashion-mnist", root, False)
-        description = f"fashion-mnist from {DEBIAN_FASHION_MNIST} (Debian's dataset-fashion-mnist)"
-        if dataset == "mnist":
-            notes.append("using Fashion-MNIST instead (same format: 28x28 grey images, 10 classes)")
+    tried: list[str] = []
+    wanted = dataset or "mnist"
+    found = _find_dataset(wanted, root, download, tried)
+    if found is None and dataset is None:
+        found = _find_dataset("fashion-mnist", root, False, tried)
+        if found is not None:
+            train, test, description = found
+            found = train, test, (f"{description} — MNIST not available ({tried[0]}), using Fashion-MNIST "
+                                  "instead (same format: 28x28 grey images, 10 classes)")
+    if found is None:
+        hints = [] if download else ["`--download` fetches MNIST or Fashion-MNIST where the internet is reachable"]
+        hints += [f"the IDX files can be copied into {root}/MNIST/raw or {root}/FashionMNIST/raw",
+                  "on Debian/Ubuntu `apt-get install dataset-fashion-mnist` provides Fashion-MNIST",
+                  "`--random-data` trains on random stand-in data"]
+        raise DataNotFound(
+            f"no {DATASET_NAMES[wanted]} data: " + "; ".join(tried) + ". To get data: " + "; ".join(hints) + "."
+        )
+    train, test, description = found
 
     def tensors(ds):
         x = ds.data.to(torch.float32).div_(255).mul_(2).sub_(1).unsqueeze(1)
         return x, ds.targets.clone()
 
-    if notes:
-        description += " — " + "; ".join(notes)
     return tensors(train), tensors(test), description
 
 
@@ -198,61 +238,57 @@ def step_time_ms(model_name: str, norm: str, batch: int, device: str, graphed: b
         with torch.cuda.graph(graph):
             step()
         fn = graph.replay
-    for _ in range(5):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+    return interleaved_medians({"step": fn}, device, min_run_time)["step"] * 1e3
 
 
 def plot_curves(results: dict, out: Path) -> None:
-    import matplotlib
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     models = list(results["training"])
     metrics = [("train_loss", "train loss"), ("valid_loss", "valid loss"), ("valid_acc", "valid accuracy")]
-    fig, axes = plt.subplots(len(models), len(metrics), figsize=(13, 3.6 * len(models)), squeeze=False)
     styles = {"torch": dict(marker="o"), "fastbn": dict(marker="x", linestyle="--"), "none": dict(marker=".")}
-    for r, model_name in enumerate(models):
-        for c, (key, title) in enumerate(metrics):
-            ax = axes[r][c]
-            for variant, hist in results["training"][model_name].items():
-                xs = [e["epoch"] for e in hist["epochs"]]
-                ys = [e.get(key) for e in hist["epochs"]]
-                label = {"torch": "torch BN", "fastbn": "fastbn BN", "none": "no BN"}[variant]
-                ax.plot(xs, ys, label=label, **styles[variant])
-            ax.set_title(f"{model_name}: {title}")
-            ax.set_xlabel("epoch")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.suptitle(textwrap.fill(results["data"], 160), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)
+    with plt.rc_context(PLOT_STYLE):
+        fig, axes = plt.subplots(len(models), len(metrics), figsize=(14, 3.8 * len(models) + 1.2),
+                                 squeeze=False, layout="constrained")
+        for r, model_name in enumerate(models):
+            for c, (key, title) in enumerate(metrics):
+                ax = axes[r][c]
+                for variant, hist in results["training"][model_name].items():
+                    xs = [e["epoch"] for e in hist["epochs"]]
+                    ys = [e.get(key) for e in hist["epochs"]]
+                    ax.plot(xs, ys, label=VARIANT_LABELS[variant], **styles[variant])
+                ax.set_title(f"{model_name}: {title}")
+                ax.set_xlabel("epoch")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs
+                ax.grid(alpha=0.3)
+                ax.legend()
+        # The data description can be long: wrapped to the figure's width.
+        data = textwrap.fill(f"data: {results['data']}", 150)
+        save_figure(fig, out / "curves.png", "MNIST experiments: torch BN, fastbn BN and no BN",
+                    f"{machine_line(results['environment'])}\n{data}")
+        plt.close(fig)
 
 
 def plot_step_times(results: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = results["step_times_ms"]
     labels = [f"{r['model']} b{r['batch']} {r['mode']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
-    for k, variant in enumerate(VARIANTS):
-        ax.barh([i + k * 0.27 for i in range(len(rows))], [r[variant] for r in rows], height=0.27, label=variant)
-    ax.set_yticks([i + 0.27 for i in range(len(rows))], labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("ms per training step (forward + backward + SGD), median")
-    ax.set_title(f"training-step time on {results['environment']['device_name']}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "step_times.png", dpi=100)
-    plt.close(fig)
+    bar = 0.8 / len(VARIANTS)
+    with plt.rc_context(PLOT_STYLE):
+        fig, ax = plt.subplots(figsize=(11, 0.5 * len(rows) * len(VARIANTS) / 2 + 2), layout="constrained")
+        for k, variant in enumerate(VARIANTS):
+            ax.barh([i - 0.4 + (k + 0.5) * bar for i in range(len(rows))], [r[variant] for r in rows],
+                    height=bar, label=VARIANT_LABELS[variant])
+        ax.set_yticks(list(range(len(rows))), labels)
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.set_xscale("log")
+        label_log_axis(ax)
+        ax.set_xlabel("ms per training step (forward + backward + SGD), median")
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
+        save_figure(fig, out / "step_times.png", "training-step time", machine_line(results["environment"]))
+        plt.close(fig)
 
 
 def markdown(results: dict) -> str:
@@ -288,9 +324,13 @@ def markdown(results: dict) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastbn.mnist", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
-    parser.add_argument("--data-root", type=Path, default=Path.home() / ".cache" / "fastbn" / "data")
-    parser.add_argument("--download", action="store_true", help="let torchvision download the data")
+    parser.add_argument("--dataset", choices=list(DATASET_NAMES), default=None,
+                        help="default: MNIST, falling back to Fashion-MNIST when MNIST is not there; "
+                             "a dataset named here is used or the run stops")
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
+                        help="where the data is looked for and downloaded to (default %(default)s)")
+    parser.add_argument("--download", action="store_true",
+                        help="let torchvision download the data into --data-root (needs the internet)")
     parser.add_argument("--random-data", action="store_true", help="train on random stand-in data")
     parser.add_argument("--models", default="mlp,conv", help="comma list of mlp,conv")
     parser.add_argument("--epochs", type=int, default=None, help="default: 10 for the MLP, 5 for the conv net")
@@ -303,22 +343,22 @@ def parse_args(argv=None):
     parser.add_argument("--step-min-run-time", type=float, default=0.5)
     parser.add_argument("--skip-training", action="store_true", help="only the step timings")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None, help="default results/mnist-<device>")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: a new results/runs/mnist-<device>-<host>-<date>/)")
     return parser.parse_args(argv)
 
 
 def run(args) -> dict:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device, "fastbn.mnist")
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or Path("results") / f"mnist-{device}"
-    out.mkdir(parents=True, exist_ok=True)
     models = args.models.split(",")
     results = {
         "environment": {
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "device": device,
             "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "CPU",
+            "cpu_model": cpu_model(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "fastbn_build": {k: v for k, v in fastbn.build_info().items() if k != "library"},
@@ -368,6 +408,9 @@ def run(args) -> dict:
                 results["step_times_ms"].append(row)
                 print(f"step time {model_name} b{batch} {mode}: torch {row['torch']:.3f} ms, "
                       f"fastbn {row['fastbn']:.3f} ms, no BN {row['none']:.3f} ms")
+    # Created only now, so that a run that stops early leaves no empty folder.
+    out = args.out or default_run_dir("mnist", device)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "summary.md").write_text(markdown(results))
     if results["training"]:

@@ -26,8 +26,28 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_devices(op: str, input, **tensors) -> None:
+    """Raises unless every given tensor is on the input's device.
+
+    The dispatcher runs the kernel of the highest backend among the
+    arguments, and meta ranks above CPU and CUDA: a CPU input with a meta
+    weight or running statistic lands here, not in the CPU kernel, whose
+    checks (csrc/batch_norm.h, same message) would reject it. Under
+    torch.compile the fake tensors report their real devices, so consistent
+    calls pass.
+    """
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != input.device:
+            raise RuntimeError(
+                f"{op}: expected {name} on the input's device {input.device}, "
+                f"got {name} on {tensor.device}"
+            )
+
+
 @torch.library.register_fake("fastbn::batch_norm_train")
 def _batch_norm_train_fake(input, weight, bias, running_mean, running_var, momentum, eps):
+    _check_devices("fastbn.batch_norm (training)", input, weight=weight, bias=bias,
+                   running_mean=running_mean, running_var=running_var)
     channels = input.shape[1]
     stat = input.new_empty((channels,), dtype=_acc_dtype(input.dtype))
     return torch.empty_like(input), stat, torch.empty_like(stat)
@@ -35,11 +55,15 @@ def _batch_norm_train_fake(input, weight, bias, running_mean, running_var, momen
 
 @torch.library.register_fake("fastbn::batch_norm_eval")
 def _batch_norm_eval_fake(input, running_mean, running_var, weight, bias, eps):
+    _check_devices("fastbn.batch_norm (eval)", input, weight=weight, bias=bias,
+                   running_mean=running_mean, running_var=running_var)
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("fastbn::batch_norm_backward")
 def _batch_norm_backward_fake(grad_output, input, weight, mean, invstd, training, output_mask):
+    _check_devices("fastbn.batch_norm_backward", input, grad_output=grad_output, weight=weight,
+                   mean=mean, invstd=invstd)
     channels = input.shape[1]
     param_dtype = weight.dtype if weight is not None else input.dtype
     grad_input = torch.empty_like(input) if output_mask[0] else None

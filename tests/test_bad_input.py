@@ -29,7 +29,11 @@ def test_wrong_length_weight_or_bias(device, name, index):
         args[index] = bad
         fastbn.batch_norm(*args, training=True)
 
-    assert_rejected(device, RuntimeError, rf"expected {name} to have shape \[3\].*got shape \[4\]", call)
+    assert_rejected(
+        device, RuntimeError,
+        rf"input has 3 channels \(input shape \[4, 3, 5\]\) where {name} expects 4 \({name} of shape \[4\]",
+        call,
+    )
 
 
 @pytest.mark.parametrize("which", ["running_mean", "running_var"])
@@ -43,7 +47,29 @@ def test_wrong_length_running_stats(device, which):
         else:
             fastbn.batch_norm(x, rm, bad, training=True)
 
-    assert_rejected(device, RuntimeError, rf"expected {which} to have shape \[3\]", call)
+    assert_rejected(device, RuntimeError, rf"input has 3 channels .* where {which} expects 5", call)
+
+
+def test_channel_tensor_of_more_than_one_dim(device):
+    x = torch.randn(4, 3, 5, device=device)
+    assert_rejected(
+        device, RuntimeError,
+        r"expected weight to be 1-d with one value per channel, shape \[3\] .*got shape \[1, 3\]",
+        lambda rm, rv: fastbn.batch_norm(x, rm, rv, torch.ones(1, 3, device=device), training=True),
+    )
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_given_input_with_the_wrong_channel_count(device, training):
+    """8 channels into BatchNorm2d(16): the message says the input has 8
+    channels where the layer's parameters expect 16, naming the argument."""
+    bn = fastbn.BatchNorm2d(16).to(device).train(training)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"input has 8 channels \(input shape \[2, 8, 4, 4\]\) "
+                                           r"where weight expects 16 \(weight of shape \[16\]"):
+        bn(torch.randn(2, 8, 4, 4, device=device))
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, state[k]), k
 
 
 def test_input_with_fewer_than_two_dims(device):
@@ -180,3 +206,134 @@ def test_empty_float64_input_into_a_float32_module_as_torch(device, training):
     assert torch.equal(ours.weight.grad, theirs.weight.grad) and torch.equal(ours.bias.grad, theirs.bias.grad)
     for name, value in theirs.state_dict().items():
         assert torch.equal(ours.state_dict()[name], value), name
+
+
+# Mixed devices: every tensor argument of every op is checked against the
+# input's device before anything runs. A meta tensor among CPU ones sends the
+# call to the meta (fake) kernel, CUDA among CPU ones to the CUDA kernel: both
+# must refuse, leaving the running statistics as they were.
+
+def _train(x, w, b, rm, rv):
+    return fastbn.batch_norm(x, rm, rv, w, b, training=True)
+
+
+def _eval(x, w, b, rm, rv):
+    return fastbn.batch_norm(x, rm, rv, w, b, training=False)
+
+
+def _train_op(x, w, b, rm, rv):
+    return torch.ops.fastbn.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5)
+
+
+def _eval_op(x, w, b, rm, rv):
+    return torch.ops.fastbn.batch_norm_eval(x, rm, rv, w, b, 1e-5)
+
+
+FORWARD_CALLS = [_train, _eval, _train_op, _eval_op]
+
+
+def _mixed_device_args(arg_device, other_device, odd_one, C=3):
+    x = torch.randn(4, C, 5, device=arg_device("input", odd_one, other_device))
+    args = {
+        "weight": torch.rand(C) + 0.5,
+        "bias": torch.randn(C),
+        "running_mean": torch.randn(C),
+        "running_var": torch.rand(C) + 0.5,
+    }
+    args = {k: v.to(arg_device(k, odd_one, other_device)) for k, v in args.items()}
+    return x, args
+
+
+def _check_forward_mix(base, odd, odd_one, call, grad):
+    def arg_device(name, odd_one, other):
+        return odd if name == odd_one else base
+
+    x, args = _mixed_device_args(arg_device, odd, odd_one)
+    if grad:  # the call takes the autograd kernels' graph-building path
+        x.requires_grad_()
+        args["bias" if odd_one == "weight" else "weight"].requires_grad_()
+    before = {k: v.clone() for k, v in args.items() if k.startswith("running") and v.device.type != "meta"}
+    name = "weight" if odd_one == "input" else odd_one
+    expected_device, found_device = (odd, base) if odd_one == "input" else (base, odd)
+    with pytest.raises(
+        RuntimeError, match=rf"expected {name} on the input's device {expected_device}(:0)?, "
+                            rf"got {name} on {found_device}"
+    ):
+        call(x, args["weight"], args["bias"], args["running_mean"], args["running_var"])
+    for k, v in before.items():
+        assert torch.equal(args[k], v), k
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("call", FORWARD_CALLS, ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("odd_one", ["input", "weight", "bias", "running_mean", "running_var"])
+def test_forward_with_one_tensor_on_meta(odd_one, call, grad):
+    _check_forward_mix("cpu", "meta", odd_one, call, grad)
+
+
+@pytest.mark.parametrize("call", FORWARD_CALLS, ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("odd_one", ["input", "running_mean"])
+def test_forward_with_one_tensor_on_meta_in_inference_mode(odd_one, call):
+    """Inference tensors skip the autograd kernels; the check still runs."""
+    with torch.inference_mode():
+        _check_forward_mix("cpu", "meta", odd_one, call, grad=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("base,odd", [("cpu", "cuda"), ("cuda", "cpu")])
+@pytest.mark.parametrize("call", FORWARD_CALLS, ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("odd_one", ["input", "weight", "bias", "running_mean", "running_var"])
+def test_forward_with_cpu_and_cuda_tensors(odd_one, call, base, odd):
+    _check_forward_mix(base, odd, odd_one, call, grad=False)
+
+
+def _backward_mix_devices():
+    devices = [("cpu", "meta")]
+    if torch.cuda.is_available():
+        devices += [("cpu", "cuda"), ("cuda", "cpu")]
+    return devices
+
+
+@pytest.mark.parametrize("base,odd", _backward_mix_devices())
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("odd_one", ["grad_output", "weight", "mean", "invstd"])
+def test_backward_with_one_tensor_on_another_device(odd_one, training, base, odd):
+    x = torch.randn(4, 3, 5, device=base)
+    tensors = {
+        "grad_output": torch.randn(4, 3, 5),
+        "weight": torch.rand(3) + 0.5,
+        "mean": torch.randn(3),
+        "invstd": torch.rand(3) + 0.5,
+    }
+    tensors = {k: v.to(odd if k == odd_one else base) for k, v in tensors.items()}
+    with pytest.raises(
+        RuntimeError,
+        match=rf"fastbn.batch_norm_backward: expected {odd_one} on the input's device {base}(:0)?, "
+              rf"got {odd_one} on {odd}",
+    ):
+        torch.ops.fastbn.batch_norm_backward(
+            tensors["grad_output"], x, tensors["weight"], tensors["mean"], tensors["invstd"],
+            training, [True, True, True])
+
+
+def test_module_with_parameters_on_meta_leaves_buffers_untouched():
+    bn = fastbn.BatchNorm2d(3)
+    bn.weight = torch.nn.Parameter(torch.ones(3, device="meta"))
+    buffers_before = {k: v.clone() for k, v in bn.named_buffers()}
+    with pytest.raises(RuntimeError, match="expected weight on the input's device cpu, got weight on meta"):
+        bn(torch.randn(4, 3, 5, 5))
+    for k, v in bn.named_buffers():
+        assert torch.equal(v, buffers_before[k]), k
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_all_tensors_on_meta_give_shapes(training):
+    """A call with everything on meta is consistent: it gives meta outputs of
+    the right shapes (what meta-device models and shape inference need)."""
+    x = torch.empty(4, 3, 5, 5, device="meta").requires_grad_()
+    w = torch.empty(3, device="meta").requires_grad_()
+    rm, rv = torch.empty(3, device="meta"), torch.empty(3, device="meta")
+    y = fastbn.batch_norm(x, rm, rv, w, None, training=training)
+    assert y.device.type == "meta" and y.shape == x.shape
+    gx, gw = torch.autograd.grad(y.sum(), (x, w))
+    assert gx.device.type == "meta" and gx.shape == x.shape and gw.shape == (3,)

@@ -1,5 +1,6 @@
 """Build and loading: one source list, build_info, and the JIT path."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,48 @@ def test_jit_build_loads_and_runs(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "jit ok" in result.stdout
     assert "building the native extension" in result.stderr
+
+
+def test_ahead_of_time_build_keeps_its_objects_for_the_next_build(tmp_path):
+    """setup.py keeps the object files and ninja's log in build/temp (pip would
+    build in a fresh temporary folder each time), so rebuilding with nothing
+    changed compiles nothing: ninja's dry run over that log has no work to do,
+    and the loaded library was linked from those objects."""
+    info = fastbn.build_info()
+    build_temp = _build.BUILD_TEMP
+    if info["loaded"] != "aot" or not (build_temp / "build.ninja").exists():
+        pytest.skip("fastbn was not built ahead of time (pip install / scripts/setup.sh) from this checkout")
+    objects = [build_temp / Path(s).with_suffix(".o") for s in _build.sources("CUDA" in info["backends"])]
+    logged = {line.split("\t")[3] for line in (build_temp / ".ninja_log").read_text().splitlines()[1:]}
+    assert {str(o) for o in objects} <= logged, (objects, logged)
+    assert Path(info["library"]).stat().st_mtime >= max(o.stat().st_mtime for o in objects)
+    # The dry run works on a copy of the log: a ninja of another version would
+    # discard the original. torch's build.ninja names every file by its full path.
+    for name in ("build.ninja", ".ninja_log", ".ninja_deps"):
+        shutil.copy2(build_temp / name, tmp_path / name)
+    # setup.sh builds with the venv's ninja (its PATH starts with .venv/bin).
+    ninja = shutil.which("ninja", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    dry_run = subprocess.run([ninja, "-C", str(tmp_path), "-n", "-d", "explain"],
+                             capture_output=True, text=True, timeout=60)
+    assert dry_run.returncode == 0, dry_run.stdout + dry_run.stderr
+    assert "no work to do" in dry_run.stdout, (
+        "a rebuild would compile (sources changed since the last build? run `bash scripts/setup.sh`):\n"
+        + dry_run.stdout + dry_run.stderr)
+
+
+def test_loading_the_prebuilt_extension_does_not_import_cpp_extension():
+    """torch.utils.cpp_extension looks for CUDA_HOME when imported and, on a
+    machine with a CUDA toolkit but no GPU, warns "No CUDA runtime is found".
+    Importing fastbn and its entry points (AOT build) must not import it."""
+    if fastbn.build_info()["loaded"] != "aot":
+        pytest.skip("the JIT build imports torch.utils.cpp_extension to compile")
+    script = (
+        "import sys, fastbn, fastbn.bench, fastbn.mnist, fastbn.demo\n"
+        "print(sorted(m for m in sys.modules if m.startswith('torch.utils.cpp_extension')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FASTBN_JIT"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    assert "No CUDA runtime is found" not in result.stderr
