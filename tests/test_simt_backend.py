@@ -227,24 +227,27 @@ def test_launch_counts_per_operator(backend):
     torch.ops.fastbn.batch_norm_eval(x, rm, rv, w, b, 1e-5)
     torch.ops.fastbn.batch_norm_backward(dy, x, w, mean, invstd, False, [True, False, False])
     torch.ops.fastbn.batch_norm_train(x[:0], w, b, rm, rv, 0.1, 1e-5)
+    # The reductions finish their statistics in their last block, and eval
+    # computes scale and shift inside the elementwise kernel.
     assert kernels_of(backend, "batch_norm_train") == [
-        ["reduce_channels_first_kernel", "stats_finalize_kernel", "normalize_kernel"],
+        ["reduce_channels_first_kernel", "elementwise_rows_kernel"],
         [],  # empty input: no launch
     ]
     assert kernels_of(backend, "batch_norm_backward") == [
-        ["reduce_channels_first_kernel", "grad_finalize_kernel", "grad_input_kernel"],
-        ["reduce_channels_first_kernel", "grad_finalize_kernel"],
-        ["grad_input_kernel"],
+        ["reduce_channels_first_kernel", "elementwise_rows_kernel"],
+        ["reduce_channels_first_kernel"],
+        ["elementwise_rows_kernel"],
     ]
-    assert kernels_of(backend, "batch_norm_eval") == [["running_stats_kernel", "normalize_kernel"]]
+    assert kernels_of(backend, "batch_norm_eval") == [["elementwise_rows_kernel"]]
     # channels_last takes the tiled reduction.
     backend.calls.clear()
     xl = x.contiguous(memory_format=torch.channels_last)
     torch.ops.fastbn.batch_norm_train(xl, w, b, rm, rv, 0.1, 1e-5)
     (launches,) = [call.launches for call in backend.calls]
     assert [launch["kernel"] for launch in launches] == [
-        "reduce_channels_last_kernel", "stats_finalize_kernel", "normalize_kernel"]
+        "reduce_channels_last_kernel", "elementwise_channels_last_kernel"]
     assert launches[0]["block"] == (32, 8, 1)
+    assert launches[1]["block"] == (32, 8, 1)
 
 
 # ---------------------------------------------------------------------------
@@ -300,3 +303,70 @@ def test_channel_of_more_than_two_to_the_24_values(backend):
     x = make_input((1025, 1, 16384), torch.float32, "cpu", offset=3.0, scale=2.0)
     assert x.numel() > 2**24
     train_and_backward_against_reference(x)
+
+
+# ---------------------------------------------------------------------------
+# Second-generation kernels: vector heads and tails, misaligned storage,
+# launch counts per layout
+# ---------------------------------------------------------------------------
+
+def at_storage_offset(x, offset):
+    """x's values in a fresh contiguous tensor that starts `offset` elements
+    into its storage (so its data pointer is misaligned for offset > 0)."""
+    storage = torch.empty(x.numel() + offset, dtype=x.dtype)
+    view = storage[offset:].view(x.shape)
+    view.copy_(x)
+    assert view.storage_offset() == offset
+    return view
+
+
+def params_dtype_for(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def eval_against_reference(x):
+    w, b, rm, rv = channel_params(x.shape[1], params_dtype_for(x.dtype), "cpu")
+    y = fastbn.batch_norm(x, rm, rv, w, b, training=False)
+    yr = fastbn.reference.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double(),
+                                     training=False)
+    assert_close_to_reference(y, yr, x.dtype, "eval output")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("offset", [0, 1, 3])
+@pytest.mark.parametrize("shape", [(3, 5, 37), (2, 3, 4101), (4, 1, 2, 9)],
+                         ids=["rows-of-37", "rows-over-a-chunk", "C1-rows-of-18"])
+def test_rows_with_vector_heads_tails_and_misaligned_storage(backend, dtype, offset, shape):
+    """Channels-first rows whose lengths are not multiples of any vector width
+    (every row after the first starts mid-vector), rows longer than one block's
+    chunk, and inputs starting 1 or 3 elements into their storage (pointers off
+    16-byte alignment, alone or together with the other operands)."""
+    x = at_storage_offset(make_input(shape, dtype, "cpu", offset=0.5, scale=2.0), offset)
+    backend.calls.clear()
+    train_and_backward_against_reference(x, params_dtype_for(dtype))
+    eval_against_reference(x)
+    kernels = [launch["kernel"] for call in backend.calls for launch in call.launches]
+    assert kernels.count("elementwise_rows_kernel") == 3, kernels  # forward, grad_input, eval
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 5, 5), (2, 70, 3, 3), (3, 4, 2, 3, 2)], ids=str)
+def test_launch_counts_channels_last(backend, shape):
+    x = make_input(shape, torch.float32, "cpu", "channels_last", offset=0.5, scale=2.0)
+    backend.calls.clear()
+    train_and_backward_against_reference(x)
+    eval_against_reference(x)
+    assert kernels_of(backend, "batch_norm_train") == [
+        ["reduce_channels_last_kernel", "elementwise_channels_last_kernel"]]
+    assert kernels_of(backend, "batch_norm_backward") == [
+        ["reduce_channels_last_kernel", "elementwise_channels_last_kernel"]]
+    assert kernels_of(backend, "batch_norm_eval") == [["elementwise_channels_last_kernel"]]
+
+
+def test_arrival_counters_reset_between_calls_of_different_sizes(backend):
+    """The reductions' arrival counters live across calls (per stream): after
+    a call with many channel groups, calls with fewer groups and more partials
+    per group still finish every channel (each call also runs twice, so a
+    counter left non-zero would change the second run's results)."""
+    for shape in [(3, 600, 4), (64, 2, 40, 40), (3, 600, 4), (4096, 24)]:
+        x = make_input(shape, torch.float32, "cpu", offset=0.5, scale=2.0)
+        train_and_backward_against_reference(x)

@@ -1,11 +1,16 @@
 // CUDA kernels and host code for fastbn's batch norm operators.
 //
-// Training forward: two-stage per-channel Welford reduction (reductions.cuh),
-// a finalize kernel (statistics, running-stat update), an elementwise
-// normalize. Backward: two-stage gradient sums, a finalize kernel
-// (grad_weight, grad_bias), an elementwise grad_input. Everything runs on the
-// current stream with no host synchronisation; index math is 32-bit when the
-// tensor allows it.
+// Training forward, two launches: a per-channel Welford reduction whose last
+// block per channel group finishes the statistics (save_mean, save_invstd,
+// running-stat update, the per-channel scale and shift), then an elementwise
+// y = x * scale + shift. Backward, two launches: the gradient sums, finished
+// likewise (grad_weight, grad_bias), then grad_input. Evaluation, one launch:
+// the elementwise kernel computes each channel's scale and shift from the
+// running statistics where it first needs them. Elementwise kernels find the
+// channel once per row (channels-first) or per thread (channels-last), never
+// per element, and use 16-byte vectors along channels-first rows when the
+// pointers allow. Everything runs on the current stream with no host
+// synchronisation; index math is 32-bit when the tensor allows it.
 #include "../batch_norm.h"
 #include "reductions.cuh"
 
@@ -21,6 +26,8 @@
 
 #include <array>
 #include <atomic>
+#include <map>
+#include <mutex>
 #include <limits>
 #include <type_traits>
 
@@ -28,7 +35,6 @@ namespace fastbn::cuda {
 namespace {
 
 constexpr int kElementwiseThreads = 256;
-constexpr int kFinalizeThreads = 128;
 
 __device__ __forceinline__ float inv_sqrt(float v) { return rsqrtf(v); }
 __device__ __forceinline__ double inv_sqrt(double v) { return rsqrt(v); }
@@ -38,120 +44,245 @@ __device__ __forceinline__ acc_t load_or(const param_t* p, int64_t i, acc_t fall
   return p == nullptr ? fallback : static_cast<acc_t>(p[i]);
 }
 
-template <typename index_t, bool kChannelsLast>
-__device__ __forceinline__ index_t channel_of(index_t i, index_t C, index_t S) {
-  return kChannelsLast ? i % C : (i / S) % C;
-}
-
 // ---------------------------------------------------------------------------
-// Finalize kernels: one thread per channel merges its P partials in order.
+// Finishers: called by the reduction's last block, once per channel, with the
+// channel's merged state (reductions.cuh).
 // ---------------------------------------------------------------------------
 
+// Statistics: save_mean, save_invstd, the running-stat update, and the
+// per-channel scale and shift of the normalisation (y = x * scale + shift).
 template <typename scalar_t, typename acc_t, typename param_t>
-__global__ void stats_finalize_kernel(
-    const WelfordState<acc_t>* partial, const scalar_t* x, int64_t shift_stride, int64_t P,
-    int64_t C, int64_t count, acc_t eps,
-    acc_t momentum, acc_t* save_mean, acc_t* save_invstd, param_t* running_mean,
-    int64_t running_mean_stride, param_t* running_var, int64_t running_var_stride) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) {
-    return;
-  }
-  using Acc = WelfordAccumulator<scalar_t, acc_t>;
-  WelfordState<acc_t> s = Acc::identity();
-  for (int64_t p = 0; p < P; ++p) {
-    s = Acc::merge(s, partial[c * P + p]);
-  }
-  s.mean += static_cast<acc_t>(x[c * shift_stride]);
-  const acc_t var = s.m2 / static_cast<acc_t>(count);
-  save_mean[c] = s.mean;
-  save_invstd[c] = inv_sqrt(var + eps);
-  if (running_mean != nullptr) {
-    const acc_t unbiased = s.m2 / static_cast<acc_t>(count - 1);
-    param_t& rm = running_mean[c * running_mean_stride];
-    param_t& rv = running_var[c * running_var_stride];
-    rm = static_cast<param_t>((acc_t(1) - momentum) * static_cast<acc_t>(rm) + momentum * s.mean);
-    rv = static_cast<param_t>((acc_t(1) - momentum) * static_cast<acc_t>(rv) + momentum * unbiased);
-  }
-}
+struct StatsFinisher {
+  const scalar_t* x;
+  int64_t shift_stride;
+  int64_t count;
+  acc_t eps;
+  acc_t momentum;
+  acc_t* save_mean;
+  acc_t* save_invstd;
+  acc_t* scale;
+  acc_t* shift;
+  const param_t* weight;
+  const param_t* bias;
+  param_t* running_mean;
+  int64_t running_mean_stride;
+  param_t* running_var;
+  int64_t running_var_stride;
 
-// Sums each channel's partials; writes the sums for the grad_input kernel and
-// the parameter gradients when asked (null pointers skip them).
-template <typename acc_t, typename param_t>
-__global__ void grad_finalize_kernel(
-    const GradSums<acc_t>* partial, int64_t P, int64_t C, const acc_t* invstd, acc_t* sum_dy,
-    acc_t* sum_dy_xmu, param_t* grad_weight, param_t* grad_bias) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) {
-    return;
+  __device__ void operator()(int64_t c, WelfordState<acc_t> s) const {
+    s.mean += static_cast<acc_t>(x[c * shift_stride]);
+    const acc_t var = s.m2 / static_cast<acc_t>(count);
+    const acc_t invstd = inv_sqrt(var + eps);
+    save_mean[c] = s.mean;
+    save_invstd[c] = invstd;
+    const acc_t channel_scale = invstd * load_or(weight, c, acc_t(1));
+    scale[c] = channel_scale;
+    shift[c] = load_or(bias, c, acc_t(0)) - s.mean * channel_scale;
+    if (running_mean != nullptr) {
+      const acc_t unbiased = s.m2 / static_cast<acc_t>(count - 1);
+      param_t& rm = running_mean[c * running_mean_stride];
+      param_t& rv = running_var[c * running_var_stride];
+      rm = static_cast<param_t>((acc_t(1) - momentum) * static_cast<acc_t>(rm) + momentum * s.mean);
+      rv = static_cast<param_t>((acc_t(1) - momentum) * static_cast<acc_t>(rv) + momentum * unbiased);
+    }
   }
-  GradSums<acc_t> s{acc_t(0), acc_t(0)};
-  for (int64_t p = 0; p < P; ++p) {
-    s = GradSumAccumulator<float, acc_t>::merge(s, partial[c * P + p]);
-  }
-  sum_dy[c] = s.dy;
-  sum_dy_xmu[c] = s.dy_xmu;
-  if (grad_weight != nullptr) {
-    grad_weight[c] = static_cast<param_t>(s.dy_xmu * invstd[c]);
-  }
-  if (grad_bias != nullptr) {
-    grad_bias[c] = static_cast<param_t>(s.dy);
-  }
-}
+};
 
-// Evaluation: the running statistics as acc_t mean and invstd.
+// Gradient sums for the grad_input kernel, and the parameter gradients when
+// asked (null pointers skip them).
 template <typename acc_t, typename param_t>
-__global__ void running_stats_kernel(
-    const param_t* running_mean, int64_t running_mean_stride, const param_t* running_var,
-    int64_t running_var_stride, acc_t eps, int64_t C, acc_t* mean, acc_t* invstd) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c < C) {
-    mean[c] = static_cast<acc_t>(running_mean[c * running_mean_stride]);
-    invstd[c] = inv_sqrt(static_cast<acc_t>(running_var[c * running_var_stride]) + eps);
+struct GradFinisher {
+  const acc_t* invstd;
+  acc_t* sum_dy;
+  acc_t* sum_dy_xmu;
+  param_t* grad_weight;
+  param_t* grad_bias;
+
+  __device__ void operator()(int64_t c, GradSums<acc_t> s) const {
+    sum_dy[c] = s.dy;
+    sum_dy_xmu[c] = s.dy_xmu;
+    if (grad_weight != nullptr) {
+      grad_weight[c] = static_cast<param_t>(s.dy_xmu * invstd[c]);
+    }
+    if (grad_bias != nullptr) {
+      grad_bias[c] = static_cast<param_t>(s.dy);
+    }
   }
-}
+};
 
 // ---------------------------------------------------------------------------
-// Elementwise kernels (grid-stride loops)
+// Elementwise operations: per channel, a few constants (looked up once per
+// row or per thread, never per element); per element, one output from one or
+// two inputs.
 // ---------------------------------------------------------------------------
 
-// y = (x - mean) * invstd * weight + bias
-template <typename scalar_t, typename acc_t, typename param_t, typename index_t, bool kChannelsLast>
-__global__ void normalize_kernel(
-    const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const acc_t* __restrict__ mean,
-    const acc_t* __restrict__ invstd, const param_t* __restrict__ weight,
-    const param_t* __restrict__ bias, index_t numel, index_t C, index_t S) {
-  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
-  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
-       i += stride) {
-    const index_t c = channel_of<index_t, kChannelsLast>(i, C, S);
-    const acc_t scale = invstd[c] * load_or(weight, c, acc_t(1));
-    const acc_t shift = load_or(bias, c, acc_t(0));
-    y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean[c]) * scale + shift);
+// y = x * scale + shift, scale and shift precomputed by StatsFinisher.
+template <typename acc_t>
+struct PrecomputedAffine {
+  static constexpr int kInputs = 1;
+  const acc_t* scale;
+  const acc_t* shift;
+  struct Channel {
+    acc_t scale, shift;
+  };
+  __device__ Channel channel(int64_t c) const { return {scale[c], shift[c]}; }
+  __device__ acc_t apply(const Channel& k, acc_t x, acc_t) const { return x * k.scale + k.shift; }
+};
+
+// Evaluation: scale and shift from the running statistics, computed where the
+// channel is first needed (one launch, no statistics kernel before it).
+template <typename acc_t, typename param_t>
+struct RunningStatsAffine {
+  static constexpr int kInputs = 1;
+  const param_t* running_mean;
+  int64_t running_mean_stride;
+  const param_t* running_var;
+  int64_t running_var_stride;
+  const param_t* weight;
+  const param_t* bias;
+  acc_t eps;
+  struct Channel {
+    acc_t scale, shift;
+  };
+  __device__ Channel channel(int64_t c) const {
+    const acc_t scale =
+        inv_sqrt(static_cast<acc_t>(running_var[c * running_var_stride]) + eps) * load_or(weight, c, acc_t(1));
+    const acc_t mean = static_cast<acc_t>(running_mean[c * running_mean_stride]);
+    return {scale, load_or(bias, c, acc_t(0)) - mean * scale};
   }
-}
+  __device__ acc_t apply(const Channel& k, acc_t x, acc_t) const { return x * k.scale + k.shift; }
+};
 
 // Training: dx = (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean))) * invstd * w
-// Evaluation: dx = dy * invstd * w
-template <typename scalar_t, typename acc_t, typename param_t, typename index_t, bool kChannelsLast,
-          bool kTraining>
-__global__ void grad_input_kernel(
-    const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
-    const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
-    const param_t* __restrict__ weight, const acc_t* __restrict__ sum_dy,
-    const acc_t* __restrict__ sum_dy_xmu, acc_t inv_count, index_t numel, index_t C, index_t S) {
-  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
-  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
-       i += stride) {
-    const index_t c = channel_of<index_t, kChannelsLast>(i, C, S);
+template <typename acc_t, typename param_t>
+struct TrainingGradInput {
+  static constexpr int kInputs = 2;  // dy, x
+  const acc_t* mean;
+  const acc_t* invstd;
+  const param_t* weight;
+  const acc_t* sum_dy;
+  const acc_t* sum_dy_xmu;
+  acc_t inv_count;
+  struct Channel {
+    acc_t mean, mean_dy, xmu_factor, scale;
+  };
+  __device__ Channel channel(int64_t c) const {
     const acc_t inv = invstd[c];
-    const acc_t scale = inv * load_or(weight, c, acc_t(1));
-    acc_t g = static_cast<acc_t>(dy[i]);
-    if constexpr (kTraining) {
-      const acc_t xmu = static_cast<acc_t>(x[i]) - mean[c];
-      g = g - sum_dy[c] * inv_count - xmu * (inv * inv * sum_dy_xmu[c] * inv_count);
+    return {mean[c], sum_dy[c] * inv_count, inv * inv * sum_dy_xmu[c] * inv_count,
+            inv * load_or(weight, c, acc_t(1))};
+  }
+  __device__ acc_t apply(const Channel& k, acc_t dy, acc_t x) const {
+    return (dy - k.mean_dy - (x - k.mean) * k.xmu_factor) * k.scale;
+  }
+};
+
+// Evaluation: dx = dy * invstd * w
+template <typename acc_t, typename param_t>
+struct EvalGradInput {
+  static constexpr int kInputs = 1;  // dy
+  const acc_t* invstd;
+  const param_t* weight;
+  struct Channel {
+    acc_t scale;
+  };
+  __device__ Channel channel(int64_t c) const { return {invstd[c] * load_or(weight, c, acc_t(1))}; }
+  __device__ acc_t apply(const Channel& k, acc_t dy, acc_t) const { return dy * k.scale; }
+};
+
+// 16 bytes of scalar_t: the unit of a vectorised load or store.
+template <typename scalar_t>
+struct alignas(16) Vec16 {
+  static constexpr int kSize = 16 / sizeof(scalar_t);
+  scalar_t v[kSize];
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ int64_t misalignment_of(const scalar_t* p) {
+  return static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) % 16);
+}
+
+// Applies op to elements [begin, end) of one channel's contiguous run, the
+// block's threads striding through it: with `vectorised` (every pointer has
+// the same offset within 16 bytes: checked by the host), a scalar head up to
+// the first 16-byte boundary, 16-byte vectors, a scalar tail; else scalars.
+template <typename scalar_t, typename acc_t, typename Op, typename index_t>
+__device__ __forceinline__ void apply_run(
+    const Op& op, const typename Op::Channel& k, const scalar_t* __restrict__ in0,
+    const scalar_t* __restrict__ in1, scalar_t* __restrict__ out, index_t begin, index_t end,
+    bool vectorised) {
+  using V = Vec16<scalar_t>;
+  index_t vector_begin = end;
+  index_t vector_end = end;
+  if (vectorised) {
+    const index_t head =
+        static_cast<index_t>(((16 - misalignment_of(in0 + begin)) % 16) / sizeof(scalar_t));
+    vector_begin = begin + (head < end - begin ? head : end - begin);
+    vector_end = vector_begin + (end - vector_begin) / V::kSize * V::kSize;
+  }
+  const auto scalar = [&](index_t i) {
+    const acc_t second = Op::kInputs == 2 ? static_cast<acc_t>(in1[i]) : acc_t(0);
+    out[i] = static_cast<scalar_t>(op.apply(k, static_cast<acc_t>(in0[i]), second));
+  };
+  for (index_t i = begin + threadIdx.x; i < vector_begin; i += blockDim.x) {
+    scalar(i);
+  }
+  for (index_t i = vector_begin + threadIdx.x * V::kSize; i < vector_end; i += blockDim.x * V::kSize) {
+    const V a = *reinterpret_cast<const V*>(in0 + i);
+    V b = a;
+    if constexpr (Op::kInputs == 2) {
+      b = *reinterpret_cast<const V*>(in1 + i);
     }
-    dx[i] = static_cast<scalar_t>(g * scale);
+    V r;
+#pragma unroll
+    for (int j = 0; j < V::kSize; ++j) {
+      const acc_t second = Op::kInputs == 2 ? static_cast<acc_t>(b.v[j]) : acc_t(0);
+      r.v[j] = static_cast<scalar_t>(op.apply(k, static_cast<acc_t>(a.v[j]), second));
+    }
+    *reinterpret_cast<V*>(out + i) = r;
+  }
+  for (index_t i = vector_end + threadIdx.x; i < end; i += blockDim.x) {
+    scalar(i);
+  }
+}
+
+// Channels-first: the tensor is N * C rows of S contiguous values, each row
+// cut into chunks of chunk_len; a block takes (row, chunk) items in turn. The
+// channel is found once per item, never per element.
+template <typename scalar_t, typename acc_t, typename Op, typename index_t>
+__global__ void elementwise_rows_kernel(
+    Op op, const scalar_t* __restrict__ in0, const scalar_t* __restrict__ in1,
+    scalar_t* __restrict__ out, index_t rows, index_t C, index_t S, index_t chunks_per_row,
+    index_t chunk_len, bool vectorised) {
+  const index_t items = rows * chunks_per_row;
+  for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const index_t row = item / chunks_per_row;
+    const index_t chunk = item - row * chunks_per_row;
+    const index_t c = row % C;
+    const typename Op::Channel k = op.channel(c);
+    const index_t row_begin = row * S;
+    const index_t begin = row_begin + chunk * chunk_len;
+    const index_t end = begin + (S - chunk * chunk_len < chunk_len ? S - chunk * chunk_len : chunk_len);
+    apply_run<scalar_t, acc_t>(op, k, in0, in1, out, begin, end, vectorised);
+  }
+}
+
+// Channels-last: block (32 channels, 8 rows), grid (channel tiles, row
+// blocks); each thread keeps one channel's constants and walks the rows
+// m * C + c with a stride (warps read 32 consecutive channels).
+template <typename scalar_t, typename acc_t, typename Op, typename index_t>
+__global__ void elementwise_channels_last_kernel(
+    Op op, const scalar_t* __restrict__ in0, const scalar_t* __restrict__ in1,
+    scalar_t* __restrict__ out, index_t M, index_t C) {
+  const index_t c = static_cast<index_t>(blockIdx.x) * kTileChannels + threadIdx.x;
+  if (c >= C) {
+    return;
+  }
+  const typename Op::Channel k = op.channel(c);
+  const index_t stride = static_cast<index_t>(gridDim.y) * kTileRows;
+  for (index_t m = static_cast<index_t>(blockIdx.y) * kTileRows + threadIdx.y; m < M; m += stride) {
+    const index_t i = m * C + c;
+    const acc_t second = Op::kInputs == 2 ? static_cast<acc_t>(in1[i]) : acc_t(0);
+    out[i] = static_cast<scalar_t>(op.apply(k, static_cast<acc_t>(in0[i]), second));
   }
 }
 
@@ -194,14 +325,34 @@ int64_t partial_count(const Geometry& g, int device) {
   return std::clamp<int64_t>(std::min(ceil_div(target_blocks, groups), useful), 1, kMaxPartials);
 }
 
-dim3 elementwise_grid(int64_t numel, int device) {
-  const int64_t blocks = ceil_div(numel, kElementwiseThreads);
-  const int64_t cap = 32 * static_cast<int64_t>(multiprocessor_count(device));
-  return dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, cap))));
+// Values of a channels-first row handed to one block at a time: long rows are
+// cut so that the chip has work at small N * C.
+constexpr int64_t kRowChunk = 4096;
+
+// Per-(device, stream) arrival counters of the reductions' last-block finish
+// (reductions.cuh): zeroed once when created, reset to zero by the kernel that
+// used them, so no memset per call. Kernels on one stream run in order, so one
+// buffer per stream is enough; a larger request replaces the buffer (the
+// caching allocator keeps the old one alive for work already queued).
+unsigned* arrival_counters(const Tensor& like, int64_t groups, cudaStream_t stream) {
+  static std::mutex mutex;
+  // Never destroyed: freeing device memory during process exit is unsafe.
+  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  Tensor& buffer = (*buffers)[{like.get_device(), stream}];
+  if (!buffer.defined() || buffer.numel() < groups) {
+    constexpr int64_t kMinCounters = 1024;
+    buffer = at::zeros({std::max(groups, kMinCounters)}, like.options().dtype(at::kInt));
+  }
+  return reinterpret_cast<unsigned*>(buffer.mutable_data_ptr<int32_t>());
 }
 
-dim3 finalize_grid(int64_t C) {
-  return dim3(static_cast<unsigned>(ceil_div(C, kFinalizeThreads)));
+// Blocks of the channels-last elementwise kernel along the rows: about 32
+// blocks per SM over the whole grid, at most one per 8 rows.
+unsigned channels_last_row_blocks(int64_t M, int64_t tiles, int device) {
+  const int64_t target = 32 * static_cast<int64_t>(multiprocessor_count(device));
+  return static_cast<unsigned>(
+      std::clamp<int64_t>(std::min(ceil_div(target, tiles), ceil_div(M, kTileRows)), 1, 65535));
 }
 
 // 32-bit index math when every index a kernel forms fits: the grid-stride
@@ -229,22 +380,62 @@ void dispatch_layout_and_index(const Geometry& g, const F& f) {
   }
 }
 
-// Stage 1 of a per-channel reduction into partial[C * P].
-template <typename Acc>
+// A per-channel reduction whose last block per channel group hands each
+// channel's merged state to fin (one launch; partial holds C * P states).
+template <typename Acc, typename Fin>
 void launch_reduce(
-    const Geometry& g, const Acc& acc, typename Acc::State* partial, int64_t P,
-    cudaStream_t stream) {
+    const Geometry& g, const Acc& acc, const Fin& fin, typename Acc::State* partial, int64_t P,
+    const Tensor& like, cudaStream_t stream) {
   dispatch_layout_and_index(g, [&](auto channels_last, auto index_tag) {
     using index_t = decltype(index_tag);
     if constexpr (decltype(channels_last)::value) {
       const dim3 grid(static_cast<unsigned>(ceil_div(g.C, kTileChannels)), static_cast<unsigned>(P));
-      reduce_channels_last_kernel<Acc, index_t><<<grid, dim3(kTileChannels, kTileRows), 0, stream>>>(
-          acc, partial, static_cast<index_t>(g.N * g.S), static_cast<index_t>(g.C));
+      unsigned* counters = arrival_counters(like, grid.x, stream);
+      reduce_channels_last_kernel<Acc, Fin, index_t><<<grid, dim3(kTileChannels, kTileRows), 0, stream>>>(
+          acc, fin, partial, counters, static_cast<index_t>(g.N * g.S), static_cast<index_t>(g.C));
     } else {
       const dim3 grid(static_cast<unsigned>(P), static_cast<unsigned>(std::min<int64_t>(g.C, 65535)));
-      reduce_channels_first_kernel<Acc, index_t><<<grid, kReduceThreads, 0, stream>>>(
-          acc, partial, static_cast<index_t>(g.N), static_cast<index_t>(g.C),
+      unsigned* counters = arrival_counters(like, grid.y, stream);
+      reduce_channels_first_kernel<Acc, Fin, index_t><<<grid, kReduceThreads, 0, stream>>>(
+          acc, fin, partial, counters, static_cast<index_t>(g.N), static_cast<index_t>(g.C),
           static_cast<index_t>(g.S));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// 16-byte vectors are used when every pointer sits at the same offset within
+// 16 bytes (one scalar head then aligns them all).
+template <typename scalar_t>
+bool same_alignment(const scalar_t* a, const scalar_t* b, const scalar_t* c) {
+  const auto offset = [](const scalar_t* p) { return reinterpret_cast<uintptr_t>(p) % 16; };
+  return offset(a) == offset(c) && (b == nullptr || offset(b) == offset(c));
+}
+
+// One elementwise launch: out = op(in0[, in1]) over the tensor of geometry g.
+template <typename scalar_t, typename Op>
+void launch_elementwise(
+    const Geometry& g, const Op& op, const scalar_t* in0, const scalar_t* in1, scalar_t* out,
+    int device, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  dispatch_layout_and_index(g, [&](auto channels_last, auto index_tag) {
+    using index_t = decltype(index_tag);
+    if constexpr (decltype(channels_last)::value) {
+      const int64_t M = g.N * g.S;
+      const int64_t tiles = ceil_div(g.C, kTileChannels);
+      const dim3 grid(static_cast<unsigned>(tiles), channels_last_row_blocks(M, tiles, device));
+      elementwise_channels_last_kernel<scalar_t, acc_t, Op, index_t>
+          <<<grid, dim3(kTileChannels, kTileRows), 0, stream>>>(
+              op, in0, in1, out, static_cast<index_t>(M), static_cast<index_t>(g.C));
+    } else {
+      const int64_t rows = g.N * g.C;
+      const int64_t chunks_per_row = ceil_div(g.S, kRowChunk);
+      const int64_t cap = 32 * static_cast<int64_t>(multiprocessor_count(device));
+      const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, std::min(rows * chunks_per_row, cap))));
+      elementwise_rows_kernel<scalar_t, acc_t, Op, index_t><<<grid, kElementwiseThreads, 0, stream>>>(
+          op, in0, in1, out, static_cast<index_t>(rows), static_cast<index_t>(g.C),
+          static_cast<index_t>(g.S), static_cast<index_t>(chunks_per_row),
+          static_cast<index_t>(std::min(g.S, kRowChunk)), same_alignment(in0, in1, out));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -311,6 +502,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   const int64_t P = partial_count(g, device);
   Tensor partial_holder;
+  const Tensor affine = at::empty({2, C}, stat_options);  // scale, shift
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastbn_train_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -318,29 +510,20 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(
       using param_t = decltype(param_tag);
       using Acc = WelfordAccumulator<scalar_t, acc_t>;
       auto* partial = workspace<typename Acc::State>(partial_holder, x, C * P);
+      acc_t* scale = affine.mutable_data_ptr<acc_t>();
+      acc_t* shift = scale + C;
       // Index of channel c's first value: c * S, or c in channels-last.
       const int64_t shift_stride = g.channels_last() ? 1 : g.S;
-      launch_reduce(g, Acc{x.const_data_ptr<scalar_t>(), shift_stride}, partial, P, stream);
-
-      stats_finalize_kernel<scalar_t, acc_t, param_t>
-          <<<finalize_grid(C), kFinalizeThreads, 0, stream>>>(
-          partial, x.const_data_ptr<scalar_t>(), shift_stride, P, C, g.reduce_size(), static_cast<acc_t>(eps), static_cast<acc_t>(momentum),
-          save_mean.mutable_data_ptr<acc_t>(), save_invstd.mutable_data_ptr<acc_t>(),
-          data_or_null<param_t>(rm), rm ? rm->stride(0) : 0, data_or_null<param_t>(rv),
-          rv ? rv->stride(0) : 0);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-      dispatch_layout_and_index(g, [&](auto channels_last, auto index_tag) {
-        using index_t = decltype(index_tag);
-        normalize_kernel<scalar_t, acc_t, param_t, index_t, decltype(channels_last)::value>
-            <<<elementwise_grid(g.numel(), device), kElementwiseThreads, 0, stream>>>(
-                x.const_data_ptr<scalar_t>(), out.buffer.mutable_data_ptr<scalar_t>(),
-                save_mean.const_data_ptr<acc_t>(), save_invstd.const_data_ptr<acc_t>(),
-                const_data_or_null<param_t>(w), const_data_or_null<param_t>(b),
-                static_cast<index_t>(g.numel()), static_cast<index_t>(g.C),
-                static_cast<index_t>(g.S));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      const StatsFinisher<scalar_t, acc_t, param_t> finisher{
+          x.const_data_ptr<scalar_t>(), shift_stride, g.reduce_size(), static_cast<acc_t>(eps),
+          static_cast<acc_t>(momentum), save_mean.mutable_data_ptr<acc_t>(),
+          save_invstd.mutable_data_ptr<acc_t>(), scale, shift, const_data_or_null<param_t>(w),
+          const_data_or_null<param_t>(b), data_or_null<param_t>(rm), rm ? rm->stride(0) : 0,
+          data_or_null<param_t>(rv), rv ? rv->stride(0) : 0};
+      launch_reduce(g, Acc{x.const_data_ptr<scalar_t>(), shift_stride}, finisher, partial, P, x, stream);
+      launch_elementwise<scalar_t>(
+          g, PrecomputedAffine<acc_t>{scale, shift}, x.const_data_ptr<scalar_t>(), nullptr,
+          out.buffer.mutable_data_ptr<scalar_t>(), device, stream);
     });
   });
   out.finish();
@@ -358,34 +541,22 @@ Tensor batch_norm_eval_cuda(
   const Tensor x = to_walkable(input);
   const Geometry g = geometry_of(x, *direct_layout(x));
   OutputLike out(input, x);
-  const int64_t C = g.C;
   const Tensor w = contiguous_or_undefined(weight);
   const Tensor b = contiguous_or_undefined(bias);
   const int device = input.get_device();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
-  const Tensor stats = at::empty({2, C}, input.options().dtype(acc_dtype(input.scalar_type())));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastbn_eval_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_param_type<scalar_t>(param_type, x.scalar_type(), [&](auto param_tag) {
       using param_t = decltype(param_tag);
-      acc_t* mean = stats.mutable_data_ptr<acc_t>();
-      acc_t* invstd = mean + C;
-      running_stats_kernel<acc_t, param_t><<<finalize_grid(C), kFinalizeThreads, 0, stream>>>(
+      const RunningStatsAffine<acc_t, param_t> op{
           running_mean.const_data_ptr<param_t>(), running_mean.stride(0),
-          running_var.const_data_ptr<param_t>(), running_var.stride(0), static_cast<acc_t>(eps), C,
-          mean, invstd);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      dispatch_layout_and_index(g, [&](auto channels_last, auto index_tag) {
-        using index_t = decltype(index_tag);
-        normalize_kernel<scalar_t, acc_t, param_t, index_t, decltype(channels_last)::value>
-            <<<elementwise_grid(g.numel(), device), kElementwiseThreads, 0, stream>>>(
-                x.const_data_ptr<scalar_t>(), out.buffer.mutable_data_ptr<scalar_t>(), mean, invstd,
-                const_data_or_null<param_t>(w), const_data_or_null<param_t>(b),
-                static_cast<index_t>(g.numel()), static_cast<index_t>(g.C),
-                static_cast<index_t>(g.S));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+          running_var.const_data_ptr<param_t>(), running_var.stride(0),
+          const_data_or_null<param_t>(w), const_data_or_null<param_t>(b), static_cast<acc_t>(eps)};
+      launch_elementwise<scalar_t>(
+          g, op, x.const_data_ptr<scalar_t>(), nullptr, out.buffer.mutable_data_ptr<scalar_t>(),
+          device, stream);
     });
   });
   out.finish();
@@ -432,40 +603,30 @@ std::tuple<OptTensor, OptTensor, OptTensor> batch_norm_backward_cuda(
         const int64_t P = partial_count(g, device);
         using Acc = GradSumAccumulator<scalar_t, acc_t>;
         auto* partial = workspace<typename Acc::State>(partial_holder, x, C * P);
+        const GradFinisher<acc_t, param_t> finisher{
+            invstd_c.const_data_ptr<acc_t>(), sum_dy, sum_dy_xmu,
+            grad_weight ? grad_weight->mutable_data_ptr<param_t>() : nullptr,
+            grad_bias ? grad_bias->mutable_data_ptr<param_t>() : nullptr};
         launch_reduce(
             g, Acc{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                    mean_c.const_data_ptr<acc_t>()},
-            partial, P, stream);
-        grad_finalize_kernel<acc_t, param_t><<<finalize_grid(C), kFinalizeThreads, 0, stream>>>(
-            partial, P, C, invstd_c.const_data_ptr<acc_t>(), sum_dy, sum_dy_xmu,
-            grad_weight ? grad_weight->mutable_data_ptr<param_t>() : nullptr,
-            grad_bias ? grad_bias->mutable_data_ptr<param_t>() : nullptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+            finisher, partial, P, x, stream);
       }
       if (!out) {
         return;
       }
-      const acc_t inv_count = acc_t(1) / static_cast<acc_t>(g.reduce_size());
-      dispatch_layout_and_index(g, [&](auto channels_last, auto index_tag) {
-        using index_t = decltype(index_tag);
-        constexpr bool kChannelsLast = decltype(channels_last)::value;
-        const auto launch = [&](auto training_tag) {
-          constexpr bool kTraining = decltype(training_tag)::value;
-          grad_input_kernel<scalar_t, acc_t, param_t, index_t, kChannelsLast, kTraining>
-              <<<elementwise_grid(g.numel(), device), kElementwiseThreads, 0, stream>>>(
-              dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-              out->buffer.mutable_data_ptr<scalar_t>(), mean_c.const_data_ptr<acc_t>(),
-              invstd_c.const_data_ptr<acc_t>(), const_data_or_null<param_t>(w), sum_dy, sum_dy_xmu,
-              inv_count, static_cast<index_t>(g.numel()), static_cast<index_t>(g.C),
-              static_cast<index_t>(g.S));
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        };
-        if (training) {
-          launch(std::true_type{});
-        } else {
-          launch(std::false_type{});
-        }
-      });
+      scalar_t* dx = out->buffer.mutable_data_ptr<scalar_t>();
+      if (training) {
+        const TrainingGradInput<acc_t, param_t> op{
+            mean_c.const_data_ptr<acc_t>(), invstd_c.const_data_ptr<acc_t>(),
+            const_data_or_null<param_t>(w), sum_dy, sum_dy_xmu,
+            acc_t(1) / static_cast<acc_t>(g.reduce_size())};
+        launch_elementwise<scalar_t>(
+            g, op, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx, device, stream);
+      } else {
+        const EvalGradInput<acc_t, param_t> op{invstd_c.const_data_ptr<acc_t>(), const_data_or_null<param_t>(w)};
+        launch_elementwise<scalar_t>(g, op, dy.const_data_ptr<scalar_t>(), nullptr, dx, device, stream);
+      }
     });
   });
   if (out) {

@@ -2,11 +2,12 @@
 // gradient sums share one pair of kernels (channels-first, channels-last),
 // parameterised by an accumulator type.
 //
-// Stage 1 (these kernels): P blocks per channel (channels-first) or per tile
-// of 32 channels (channels-last) each reduce their share to one partial.
-// Stage 2 (finalize kernels in batch_norm_cuda.cu): one thread per channel
-// merges that channel's P partials in block order. No atomics: the result is
-// the same from run to run.
+// P blocks per channel (channels-first) or per tile of 32 channels
+// (channels-last) each reduce their share to one partial; the last block of
+// each channel group to arrive (an arrival counter per group) merges the
+// group's partials in a fixed order and finishes the channel (statistics,
+// running-stat update, gradient sums) in the same launch. The only atomic is
+// the arrival count, so the result is the same from run to run.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -93,11 +94,63 @@ struct GradSumAccumulator {
   }
 };
 
-// Channels-first: grid (P, channels); element (n, c, s) at (n * C + c) * S + s.
-// partial[c * P + p] receives block p's result for channel c.
-template <typename Acc, typename index_t>
+// Tree merges in shared memory, in a fixed order (deterministic): the whole
+// block into shared[0], or each channel column of a tile into shared[0][x].
+// Callers have written their entries and synchronised.
+template <typename Acc>
+__device__ __forceinline__ void merge_block(typename Acc::State (&shared)[kReduceThreads]) {
+  for (int half = kReduceThreads / 2; half > 0; half >>= 1) {
+    if (threadIdx.x < half) {
+      shared[threadIdx.x] = Acc::merge(shared[threadIdx.x], shared[threadIdx.x + half]);
+    }
+    __syncthreads();
+  }
+}
+
+template <typename Acc>
+__device__ __forceinline__ void merge_tile_rows(typename Acc::State (&shared)[kTileRows][kTileChannels]) {
+  for (int half = kTileRows / 2; half > 0; half >>= 1) {
+    if (threadIdx.y < half) {
+      shared[threadIdx.y][threadIdx.x] =
+          Acc::merge(shared[threadIdx.y][threadIdx.x], shared[threadIdx.y + half][threadIdx.x]);
+    }
+    __syncthreads();
+  }
+}
+
+// Arrival protocol shared by both reduction kernels: every block writes its
+// partials, fences them and counts itself in on its group's counter; the block
+// that arrives last (the counter reads gridsize - 1) owns every partial of the
+// group, merges them and calls the finisher, then resets the counter to zero
+// for the next launch on the stream. No memset and no host synchronisation
+// per call: the counters are zeroed once when their buffer is created.
+// Returns true in every thread of the last block.
+__device__ __forceinline__ bool arrive_last(unsigned* counter, unsigned blocks_in_group) {
+  __shared__ bool is_last;
+  __threadfence();  // this block's partials are visible before it counts itself in
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    is_last = atomicAdd(counter, 1u) == blocks_in_group - 1;
+    if (is_last) {
+      *counter = 0u;  // every block of the group has arrived: nobody reads it again
+    }
+  }
+  __syncthreads();
+  if (is_last) {
+    __threadfence();  // other blocks' partials are read after their arrival
+  }
+  return is_last;
+}
+
+// Channels-first: grid (P, channel groups); element (n, c, s) at
+// (n * C + c) * S + s. partial[c * P + p] receives block p's result for
+// channel c; the last block of a channel group (blockIdx.y) merges each of its
+// channels' P partials in a fixed order (thread t takes p = t, t + 256, ...,
+// then a tree over threads) and hands the result to fin(c, state).
+template <typename Acc, typename Fin, typename index_t>
 __global__ void reduce_channels_first_kernel(
-    Acc acc, typename Acc::State* partial, index_t N, index_t C, index_t S) {
+    Acc acc, Fin fin, typename Acc::State* partial, unsigned* counters, index_t N, index_t C,
+    index_t S) {
   using State = typename Acc::State;
   __shared__ State shared[kReduceThreads];
   const index_t reduce_size = N * S;
@@ -111,25 +164,39 @@ __global__ void reduce_channels_first_kernel(
     }
     shared[threadIdx.x] = s;
     __syncthreads();
-    for (int half = kReduceThreads / 2; half > 0; half >>= 1) {
-      if (threadIdx.x < half) {
-        shared[threadIdx.x] = Acc::merge(shared[threadIdx.x], shared[threadIdx.x + half]);
-      }
-      __syncthreads();
-    }
+    merge_block<Acc>(shared);
     if (threadIdx.x == 0) {
       partial[c * gridDim.x + blockIdx.x] = shared[0];
     }
     __syncthreads();  // shared is reused by the next channel
   }
+  if (!arrive_last(&counters[blockIdx.y], gridDim.x)) {
+    return;
+  }
+  const index_t P = gridDim.x;
+  for (index_t c = blockIdx.y; c < C; c += gridDim.y) {
+    State s = Acc::identity();
+    for (index_t p = threadIdx.x; p < P; p += kReduceThreads) {
+      s = Acc::merge(s, partial[c * P + p]);
+    }
+    shared[threadIdx.x] = s;
+    __syncthreads();
+    merge_block<Acc>(shared);
+    if (threadIdx.x == 0) {
+      fin(static_cast<int64_t>(c), shared[0]);
+    }
+    __syncthreads();
+  }
 }
 
 // Channels-last: block (32 channels, 8 rows), grid (channel tiles, P);
 // element (m, c) at m * C + c, m = n * S + s. Warps read 32 consecutive
-// channels of a row (coalesced).
-template <typename Acc, typename index_t>
+// channels of a row (coalesced). The last block of a tile (blockIdx.x)
+// merges the tile's partials: row ty takes p = ty, ty + 8, ..., then a tree
+// over rows.
+template <typename Acc, typename Fin, typename index_t>
 __global__ void reduce_channels_last_kernel(
-    Acc acc, typename Acc::State* partial, index_t M, index_t C) {
+    Acc acc, Fin fin, typename Acc::State* partial, unsigned* counters, index_t M, index_t C) {
   using State = typename Acc::State;
   __shared__ State shared[kTileRows][kTileChannels];
   const index_t c = static_cast<index_t>(blockIdx.x) * kTileChannels + threadIdx.x;
@@ -142,15 +209,26 @@ __global__ void reduce_channels_last_kernel(
   }
   shared[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
-  for (int half = kTileRows / 2; half > 0; half >>= 1) {
-    if (threadIdx.y < half) {
-      shared[threadIdx.y][threadIdx.x] =
-          Acc::merge(shared[threadIdx.y][threadIdx.x], shared[threadIdx.y + half][threadIdx.x]);
-    }
-    __syncthreads();
-  }
+  merge_tile_rows<Acc>(shared);
   if (threadIdx.y == 0 && c < C) {
     partial[c * gridDim.y + blockIdx.y] = shared[0][threadIdx.x];
+  }
+  if (!arrive_last(&counters[blockIdx.x], gridDim.y)) {
+    return;
+  }
+  const index_t P = gridDim.y;
+  State merged = Acc::identity();
+  if (c < C) {
+    for (index_t p = threadIdx.y; p < P; p += kTileRows) {
+      merged = Acc::merge(merged, partial[c * P + p]);
+    }
+  }
+  __syncthreads();  // the tree above has finished reading shared in every thread
+  shared[threadIdx.y][threadIdx.x] = merged;
+  __syncthreads();
+  merge_tile_rows<Acc>(shared);
+  if (threadIdx.y == 0 && c < C) {
+    fin(static_cast<int64_t>(c), shared[0][threadIdx.x]);
   }
 }
 
