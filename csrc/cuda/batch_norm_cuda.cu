@@ -2,11 +2,14 @@
 //
 // Training forward, two launches: a per-channel Welford reduction whose last
 // block per channel group finishes the statistics (save_mean, save_invstd,
-// running-stat update, the per-channel scale and shift), then an elementwise
-// y = x * scale + shift. Backward, two launches: the gradient sums, finished
+// running-stat update, the per-channel scale), then an elementwise
+// y = (x - mean) * scale + bias. Backward, two launches: the gradient sums, finished
 // likewise (grad_weight, grad_bias), then grad_input. Evaluation, one launch:
-// the elementwise kernel computes each channel's scale and shift from the
-// running statistics where it first needs them. Elementwise kernels find the
+// the elementwise kernel computes each channel's scale from the running
+// statistics where it first needs them. The mean is subtracted before the
+// scale is applied (not folded into x * scale + shift): with a large offset,
+// x * scale and mean * scale nearly cancel and fp32 would lose the output's
+// digits, as the CPU kernels avoid too. Elementwise kernels find the
 // channel once per row (channels-first) or per thread (channels-last), never
 // per element, and use 16-byte vectors along channels-first rows when the
 // pointers allow. Everything runs on the current stream with no host
@@ -50,7 +53,7 @@ __device__ __forceinline__ acc_t load_or(const param_t* p, int64_t i, acc_t fall
 // ---------------------------------------------------------------------------
 
 // Statistics: save_mean, save_invstd, the running-stat update, and the
-// per-channel scale and shift of the normalisation (y = x * scale + shift).
+// per-channel scale and bias of the normalisation, y = (x - mean) * scale + bias.
 template <typename scalar_t, typename acc_t, typename param_t>
 struct StatsFinisher {
   const scalar_t* x;
@@ -61,7 +64,7 @@ struct StatsFinisher {
   acc_t* save_mean;
   acc_t* save_invstd;
   acc_t* scale;
-  acc_t* shift;
+  acc_t* bias_acc;  // the bias in acc_t (0 without one)
   const param_t* weight;
   const param_t* bias;
   param_t* running_mean;
@@ -77,7 +80,7 @@ struct StatsFinisher {
     save_invstd[c] = invstd;
     const acc_t channel_scale = invstd * load_or(weight, c, acc_t(1));
     scale[c] = channel_scale;
-    shift[c] = load_or(bias, c, acc_t(0)) - s.mean * channel_scale;
+    bias_acc[c] = load_or(bias, c, acc_t(0));
     if (running_mean != nullptr) {
       const acc_t unbiased = s.m2 / static_cast<acc_t>(count - 1);
       param_t& rm = running_mean[c * running_mean_stride];
@@ -116,20 +119,21 @@ struct GradFinisher {
 // two inputs.
 // ---------------------------------------------------------------------------
 
-// y = x * scale + shift, scale and shift precomputed by StatsFinisher.
+// y = (x - mean) * scale + bias, the constants precomputed by StatsFinisher.
 template <typename acc_t>
 struct PrecomputedAffine {
   static constexpr int kInputs = 1;
+  const acc_t* mean;
   const acc_t* scale;
-  const acc_t* shift;
+  const acc_t* bias;
   struct Channel {
-    acc_t scale, shift;
+    acc_t mean, scale, bias;
   };
-  __device__ Channel channel(int64_t c) const { return {scale[c], shift[c]}; }
-  __device__ acc_t apply(const Channel& k, acc_t x, acc_t) const { return x * k.scale + k.shift; }
+  __device__ Channel channel(int64_t c) const { return {mean[c], scale[c], bias[c]}; }
+  __device__ acc_t apply(const Channel& k, acc_t x, acc_t) const { return (x - k.mean) * k.scale + k.bias; }
 };
 
-// Evaluation: scale and shift from the running statistics, computed where the
+// Evaluation: the constants from the running statistics, computed where the
 // channel is first needed (one launch, no statistics kernel before it).
 template <typename acc_t, typename param_t>
 struct RunningStatsAffine {
@@ -142,15 +146,14 @@ struct RunningStatsAffine {
   const param_t* bias;
   acc_t eps;
   struct Channel {
-    acc_t scale, shift;
+    acc_t mean, scale, bias;
   };
   __device__ Channel channel(int64_t c) const {
     const acc_t scale =
         inv_sqrt(static_cast<acc_t>(running_var[c * running_var_stride]) + eps) * load_or(weight, c, acc_t(1));
-    const acc_t mean = static_cast<acc_t>(running_mean[c * running_mean_stride]);
-    return {scale, load_or(bias, c, acc_t(0)) - mean * scale};
+    return {static_cast<acc_t>(running_mean[c * running_mean_stride]), scale, load_or(bias, c, acc_t(0))};
   }
-  __device__ acc_t apply(const Channel& k, acc_t x, acc_t) const { return x * k.scale + k.shift; }
+  __device__ acc_t apply(const Channel& k, acc_t x, acc_t) const { return (x - k.mean) * k.scale + k.bias; }
 };
 
 // Training: dx = (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean))) * invstd * w
@@ -502,7 +505,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   const int64_t P = partial_count(g, device);
   Tensor partial_holder;
-  const Tensor affine = at::empty({2, C}, stat_options);  // scale, shift
+  const Tensor affine = at::empty({2, C}, stat_options);  // scale, bias
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastbn_train_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -511,18 +514,19 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(
       using Acc = WelfordAccumulator<scalar_t, acc_t>;
       auto* partial = workspace<typename Acc::State>(partial_holder, x, C * P);
       acc_t* scale = affine.mutable_data_ptr<acc_t>();
-      acc_t* shift = scale + C;
+      acc_t* bias_acc = scale + C;
       // Index of channel c's first value: c * S, or c in channels-last.
       const int64_t shift_stride = g.channels_last() ? 1 : g.S;
       const StatsFinisher<scalar_t, acc_t, param_t> finisher{
           x.const_data_ptr<scalar_t>(), shift_stride, g.reduce_size(), static_cast<acc_t>(eps),
           static_cast<acc_t>(momentum), save_mean.mutable_data_ptr<acc_t>(),
-          save_invstd.mutable_data_ptr<acc_t>(), scale, shift, const_data_or_null<param_t>(w),
+          save_invstd.mutable_data_ptr<acc_t>(), scale, bias_acc, const_data_or_null<param_t>(w),
           const_data_or_null<param_t>(b), data_or_null<param_t>(rm), rm ? rm->stride(0) : 0,
           data_or_null<param_t>(rv), rv ? rv->stride(0) : 0};
       launch_reduce(g, Acc{x.const_data_ptr<scalar_t>(), shift_stride}, finisher, partial, P, x, stream);
       launch_elementwise<scalar_t>(
-          g, PrecomputedAffine<acc_t>{scale, shift}, x.const_data_ptr<scalar_t>(), nullptr,
+          g, PrecomputedAffine<acc_t>{save_mean.const_data_ptr<acc_t>(), scale, bias_acc},
+          x.const_data_ptr<scalar_t>(), nullptr,
           out.buffer.mutable_data_ptr<scalar_t>(), device, stream);
     });
   });
