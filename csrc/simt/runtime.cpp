@@ -292,8 +292,6 @@ class BlockRunner {
   void run_block(LaunchState& ls, uint64_t linear_block);
 
   // Called from fibers.
-  Fiber& current() { return *current_; }
-  const LaunchState& launch_state() const { return *state_; }
   void wait(State s, Site site);
   [[noreturn]] void abort_block(const std::string& what);
   void sync_threads(Site site);
