@@ -21,6 +21,12 @@ the floors are 2N, 3N and 2N. It is reported as a fraction of the copy
 bandwidth (dst.copy_(src), 2 bytes moved per byte copied) measured in the
 same run.
 
+On the GPU, fastbn is also timed under each forced CUDA path
+(FASTBN_CUDA_PATH=single_pass / two_pass, training modes; a single pass that
+does not fit the device is left out) beside the torch contenders: paths.txt.
+`--tune` (GPU only) measures where the single pass stops beating two passes
+and writes the path table the kernels read (fastbn/cuda_paths.py).
+
 Writes results.json (every number, device, versions, date), summary.md,
 speedup.png and bandwidth.png to --out, by default a new folder
 results/runs/bench-<device>-<host>-<date>/ (ignored by git; the reference
@@ -46,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 import fastbn
+from fastbn import cuda_paths
 from fastbn._cli import (PLOT_STYLE, cpu_model, default_run_dir, label_log_axis, machine_line, pyplot,
                          resolve_device, save_figure)
 
@@ -90,6 +97,8 @@ class Case:
     fmt: str  # "nchw" or "channels_last"
     mode: str
     times_us: dict[str, float] = field(default_factory=dict)
+    # CUDA: fastbn under each forced path (fastbn/cuda_paths.py), where a mode has two.
+    path_times_us: dict[str, float] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -481,6 +490,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: a new results/runs/bench-<device>-<host>-<date>/)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--tune", action="store_true",
+                        help="GPU only: measure where the CUDA single pass stops beating two passes and write "
+                             "the path table the kernels read (--out FILE, default fastbn.cuda_paths.table_file())")
     return parser.parse_args(argv)
 
 
@@ -523,8 +535,13 @@ def run(args) -> dict:
         inputs = [Inputs(case, device, cache) for case in group]
         steps = {(i, name): make_step(fn, case, inputs[i])
                  for i, case in enumerate(group) for name, fn in fns.items()}
+        if device == "cuda":
+            steps.update(cuda_paths.path_steps(group, inputs, make_step, fastbn.batch_norm))
         for (i, name), seconds in interleaved_medians(steps, device, min_run_time).items():
-            group[i].times_us[name] = 1e6 * seconds
+            if name.startswith("path:"):
+                group[i].path_times_us[name[len("path:"):]] = 1e6 * seconds
+            else:
+                group[i].times_us[name] = 1e6 * seconds
         del inputs, steps
         done += group
         progress.update(len(group))
@@ -552,6 +569,10 @@ def run(args) -> dict:
         "summary": summary,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
+    paths_table = cuda_paths.format_paths(cases, [n for n in names if n != "fastbn"])
+    if paths_table:
+        print("\nfastbn per CUDA path (FASTBN_CUDA_PATH), beside torch:\n" + paths_table)
+        (out / "paths.txt").write_text(paths_table + "\n")
     partial.unlink(missing_ok=True)
     (out / "summary.md").write_text(markdown_summary(env, cases, metrics, summary, names))
     files = ["results.json", "summary.md"]
@@ -562,7 +583,11 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    run(parse_args(argv))
+    args = parse_args(argv)
+    if args.tune:
+        cuda_paths.tune(args.out, args.min_run_time or 0.1)
+        return 0
+    run(args)
     return 0
 
 

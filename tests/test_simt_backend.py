@@ -33,6 +33,13 @@ def backend(simt):
         yield b
 
 
+@pytest.fixture
+def two_pass(monkeypatch):
+    """The two-pass kernels (reduction + elementwise) even where the
+    single-pass one would be chosen (tests of those kernels' own decisions)."""
+    monkeypatch.setenv("FASTBN_CUDA_PATH", "two_pass")
+
+
 def planted(backend, bug, x, with_bug, **kw):
     return backend.call(torch.ops.fastbn_planted_simt.run.default, bug, x, with_bug, **kw)
 
@@ -217,15 +224,22 @@ def kernels_of(backend, op):
     return [[launch["kernel"] for launch in call.launches] for call in backend.calls if call.op == op]
 
 
-def test_launch_counts_per_operator(backend):
-    x = make_input((8, 5, 6, 7), torch.float32, "cpu")
-    w, b, rm, rv = channel_params(5, torch.float32, "cpu")
+def call_each_operator(x):
+    """Training forward, backward (all gradients; grad_weight alone), eval,
+    eval-mode backward; returns what further calls need."""
+    w, b, rm, rv = channel_params(x.shape[1], torch.float32, "cpu")
     y, mean, invstd = torch.ops.fastbn.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5)
     dy = torch.randn_like(x)
     torch.ops.fastbn.batch_norm_backward(dy, x, w, mean, invstd, True, [True, True, True])
     torch.ops.fastbn.batch_norm_backward(dy, x, w, mean, invstd, True, [False, True, False])
     torch.ops.fastbn.batch_norm_eval(x, rm, rv, w, b, 1e-5)
     torch.ops.fastbn.batch_norm_backward(dy, x, w, mean, invstd, False, [True, False, False])
+    return (w, b, rm, rv), (dy, mean, invstd)
+
+
+def test_launch_counts_per_operator(backend, two_pass):
+    x = make_input((8, 5, 6, 7), torch.float32, "cpu")
+    (w, b, rm, rv), _ = call_each_operator(x)
     torch.ops.fastbn.batch_norm_train(x[:0], w, b, rm, rv, 0.1, 1e-5)
     # The reductions finish their statistics in their last block, and eval
     # computes scale and shift inside the elementwise kernel.
@@ -274,7 +288,7 @@ def train_and_backward_against_reference(x, dtype_params=torch.float32):
 
 @pytest.mark.parametrize("shape,fmt", [((64, 3, 40, 40), "contiguous"), ((32, 40, 9, 9), "channels_last"),
                                        ((4096, 24), "contiguous")])
-def test_at_132_sms_partial_counts_change_and_results_hold(backend, shape, fmt):
+def test_at_132_sms_partial_counts_change_and_results_hold(backend, two_pass, shape, fmt):
     x = make_input(shape, torch.float32, "cpu", fmt, offset=0.5, scale=2.0)
     grids = {}
     for sms in (4, 132):
@@ -289,12 +303,12 @@ def test_at_132_sms_partial_counts_change_and_results_hold(backend, shape, fmt):
 
 
 @pytest.mark.parametrize("shape", [(3, 70000), (2, 70000, 2)], ids=["channels-last-tiles", "grid-y-clamped"])
-def test_more_channels_than_a_grid_dimension_holds(backend, shape):
+def test_more_channels_than_a_grid_dimension_holds(backend, two_pass, shape):
     x = make_input(shape, torch.float32, "cpu", offset=0.5, scale=2.0)
     train_and_backward_against_reference(x)
     reduce_grids = [launch["grid"] for call in backend.calls for launch in call.launches
                     if launch["kernel"].startswith("reduce_")]
-    assert all(max(g[1], g[2]) <= 65535 for g in reduce_grids)
+    assert reduce_grids and all(max(g[1], g[2]) <= 65535 for g in reduce_grids)
 
 
 def test_channel_of_more_than_two_to_the_24_values(backend):
@@ -336,7 +350,7 @@ def eval_against_reference(x):
 @pytest.mark.parametrize("offset", [0, 1, 3])
 @pytest.mark.parametrize("shape", [(3, 5, 37), (2, 3, 4101), (4, 1, 2, 9)],
                          ids=["rows-of-37", "rows-over-a-chunk", "C1-rows-of-18"])
-def test_rows_with_vector_heads_tails_and_misaligned_storage(backend, dtype, offset, shape):
+def test_rows_with_vector_heads_tails_and_misaligned_storage(backend, two_pass, dtype, offset, shape):
     """Channels-first rows whose lengths are not multiples of any vector width
     (every row after the first starts mid-vector), rows longer than one block's
     chunk, and inputs starting 1 or 3 elements into their storage (pointers off
@@ -350,7 +364,7 @@ def test_rows_with_vector_heads_tails_and_misaligned_storage(backend, dtype, off
 
 
 @pytest.mark.parametrize("shape", [(6, 3, 5, 5), (2, 70, 3, 3), (3, 4, 2, 3, 2)], ids=str)
-def test_launch_counts_channels_last(backend, shape):
+def test_launch_counts_channels_last(backend, two_pass, shape):
     x = make_input(shape, torch.float32, "cpu", "channels_last", offset=0.5, scale=2.0)
     backend.calls.clear()
     train_and_backward_against_reference(x)
@@ -362,7 +376,7 @@ def test_launch_counts_channels_last(backend, shape):
     assert kernels_of(backend, "batch_norm_eval") == [["elementwise_channels_last_kernel"]]
 
 
-def test_arrival_counters_reset_between_calls_of_different_sizes(backend):
+def test_arrival_counters_reset_between_calls_of_different_sizes(backend, two_pass):
     """The reductions' arrival counters live across calls (per stream): after
     a call with many channel groups, calls with fewer groups and more partials
     per group still finish every channel (each call also runs twice, so a

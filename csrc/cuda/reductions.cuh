@@ -44,7 +44,12 @@ struct WelfordAccumulator {
 
   template <typename index_t>
   __device__ void add(State& s, index_t i, index_t channel) const {
-    const acc_t v = static_cast<acc_t>(x[i]) - static_cast<acc_t>(x[channel * shift_stride]);
+    add_value(s, static_cast<acc_t>(x[i]) - static_cast<acc_t>(x[channel * shift_stride]));
+  }
+
+  // One shifted value v = x - shift (the single-pass kernels read x once
+  // and pass it here).
+  __device__ static void add_value(State& s, acc_t v) {
     s.n += acc_t(1);
     const acc_t d = v - s.mean;
     s.mean += d / s.n;
@@ -84,9 +89,12 @@ struct GradSumAccumulator {
 
   template <typename index_t>
   __device__ void add(State& s, index_t i, index_t channel) const {
-    const acc_t g = static_cast<acc_t>(dy[i]);
+    add_values(s, static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), mean[channel]);
+  }
+
+  __device__ static void add_values(State& s, acc_t g, acc_t xv, acc_t channel_mean) {
     s.dy += g;
-    s.dy_xmu += g * (static_cast<acc_t>(x[i]) - mean[channel]);
+    s.dy_xmu += g * (xv - channel_mean);
   }
 
   __device__ static State merge(const State& a, const State& b) {
@@ -118,6 +126,21 @@ __device__ __forceinline__ void merge_tile_rows(typename Acc::State (&shared)[kT
   }
 }
 
+// Merges one channel's P partials in a fixed order into shared[0]: thread t
+// takes p = t, t + 256, ..., then a tree over threads. Every block that
+// merges the same partials gets the same bits.
+template <typename Acc, typename index_t>
+__device__ __forceinline__ void merge_partials(
+    typename Acc::State (&shared)[kReduceThreads], const typename Acc::State* partials, index_t P) {
+  typename Acc::State s = Acc::identity();
+  for (index_t p = threadIdx.x; p < P; p += kReduceThreads) {
+    s = Acc::merge(s, partials[p]);
+  }
+  shared[threadIdx.x] = s;
+  __syncthreads();
+  merge_block<Acc>(shared);
+}
+
 // Arrival protocol shared by both reduction kernels: every block writes its
 // partials, fences them and counts itself in on its group's counter; the block
 // that arrives last (the counter reads gridsize - 1) owns every partial of the
@@ -142,6 +165,29 @@ __device__ __forceinline__ bool arrive_last(unsigned* counter, unsigned blocks_i
   return is_last;
 }
 
+// Calls f(j, n, s) for j = first, first + step, ... below last, where j
+// indexes one channel's N * S values (rows of S: j = n * S + s). (n, s) is
+// carried from one j to the next (two divisions per call, none per element).
+template <typename index_t, typename F>
+__device__ __forceinline__ void walk_channel(index_t first, index_t last, index_t step, index_t S, const F& f) {
+  if (first >= last) {
+    return;
+  }
+  index_t n = first / S;
+  index_t s = first - n * S;
+  const index_t step_n = step / S;
+  const index_t step_s = step - step_n * S;
+  for (index_t j = first; j < last; j += step) {
+    f(j, n, s);
+    n += step_n;
+    s += step_s;
+    if (s >= S) {
+      s -= S;
+      ++n;
+    }
+  }
+}
+
 // Channels-first: grid (P, channel groups); element (n, c, s) at
 // (n * C + c) * S + s. partial[c * P + p] receives block p's result for
 // channel c; the last block of a channel group (blockIdx.y) merges each of its
@@ -157,11 +203,9 @@ __global__ void reduce_channels_first_kernel(
   const index_t stride = static_cast<index_t>(gridDim.x) * kReduceThreads;
   for (index_t c = blockIdx.y; c < C; c += gridDim.y) {
     State s = Acc::identity();
-    for (index_t j = static_cast<index_t>(blockIdx.x) * kReduceThreads + threadIdx.x;
-         j < reduce_size; j += stride) {
-      const index_t n = j / S;
-      acc.add(s, (n * C + c) * S + (j - n * S), c);
-    }
+    walk_channel<index_t>(
+        static_cast<index_t>(blockIdx.x) * kReduceThreads + threadIdx.x, reduce_size, stride, S,
+        [&](index_t, index_t n, index_t sp) { acc.add(s, (n * C + c) * S + sp, c); });
     shared[threadIdx.x] = s;
     __syncthreads();
     merge_block<Acc>(shared);
@@ -175,13 +219,7 @@ __global__ void reduce_channels_first_kernel(
   }
   const index_t P = gridDim.x;
   for (index_t c = blockIdx.y; c < C; c += gridDim.y) {
-    State s = Acc::identity();
-    for (index_t p = threadIdx.x; p < P; p += kReduceThreads) {
-      s = Acc::merge(s, partial[c * P + p]);
-    }
-    shared[threadIdx.x] = s;
-    __syncthreads();
-    merge_block<Acc>(shared);
+    merge_partials<Acc>(shared, partial + c * P, P);
     if (threadIdx.x == 0) {
       fin(static_cast<int64_t>(c), shared[0]);
     }

@@ -105,6 +105,17 @@ cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t str
 cudaError_t cudaMemcpyAsync(
     void* dst, const void* src, size_t count, cudaMemcpyKind kind, cudaStream_t stream = nullptr);
 
+// No CUDA graphs here: no stream is ever capturing.
+enum cudaStreamCaptureStatus {
+  cudaStreamCaptureStatusNone = 0,
+  cudaStreamCaptureStatusActive = 1,
+  cudaStreamCaptureStatusInvalidated = 2,
+};
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* status) {
+  *status = cudaStreamCaptureStatusNone;
+  return cudaSuccess;
+}
+
 // Built-in variables: per OS thread, set by the scheduler before it resumes a
 // fiber (the switch is an opaque call, so the compiler reloads them).
 #define SIMT_TLS thread_local
