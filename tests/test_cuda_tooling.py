@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastbn
+from conftest import SIMT
 from fastbn import cuda_paths
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,3 +92,36 @@ def test_gpu_check_packs_results_into_at_most_8_files_2_folders_deep(tmp_path):
     assert any(m.endswith("nested/deeper/results.json") for m in members)
     assert sum(m.endswith(".log") for m in members) == 12
     assert (out / "summary.txt").read_text() == "summary\n"
+
+
+@pytest.mark.skipif(not SIMT, reason="FASTBN_SIMT=0")
+def test_bench_path_steps_on_the_simt_backend():
+    """The benchmark's per-path steps, run on the SIMT backend (the CUDA
+    kernels on CPU tensors): both paths for a small input, only two passes
+    for one the single pass cannot hold, none for eval; the table lists
+    them beside the torch contenders."""
+    import simt_backend
+    from fastbn import bench
+
+    small = bench.Case("t", (4, 3, 8, 8), "fp32", "nchw", "train_fwdbwd")
+    large = bench.Case("t", (2, 1, 130000), "fp32", "nchw", "train_fwd")
+    evaluation = bench.Case("t", (4, 3, 8, 8), "fp32", "nchw", "eval_fwd")
+    group = [small, large, evaluation]
+    inputs = [bench.Inputs(c, "cpu", 1 << 30) for c in group]
+    with simt_backend.active() as backend:
+        steps = cuda_paths.path_steps(group, inputs, bench.make_step, fastbn.batch_norm)
+        assert sorted(steps) == [(0, "path:single_pass"), (0, "path:two_pass"), (1, "path:two_pass")]
+        backend.calls.clear()
+        steps[(0, "path:single_pass")]()
+        assert [len(call.launches) for call in backend.calls] == [1, 1]  # forward, backward
+    for case in group:
+        case.times_us = {"fastbn": 10.0, "torch": 20.0}
+    small.path_times_us = {"single_pass": 8.0, "two_pass": 12.0}
+    large.path_times_us = {"two_pass": 30.0}
+    table = cuda_paths.format_paths(group, ["torch"])
+    lines = table.splitlines()
+    assert lines[0].split() == ["case", "auto", "us", "single_pass", "us", "two_pass", "us", "torch", "us",
+                                "faster", "path"]
+    assert lines[2].split()[-5:] == ["10.0", "8.0", "12.0", "20.0", "single_pass"]
+    assert lines[3].split()[-5:] == ["10.0", "-", "30.0", "20.0", "two_pass"]
+    assert len(lines) == 4  # eval has one path: no row
