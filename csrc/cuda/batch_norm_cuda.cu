@@ -737,14 +737,14 @@ SinglePassPlan single_pass_plan(const Geometry& g, CooperativeCapacity capacity)
 // not fit is an error, raised before anything is written.
 template <typename Op>
 bool run_single_pass(
-    const Geometry& g, const Op& op, Path path, int64_t max_bytes, const Tensor& input, const char* what,
-    int device, cudaStream_t stream) {
+    const Geometry& g, const Op& op, Path path, int64_t PathTable::*max_bytes, const Tensor& input,
+    const char* what, int device, cudaStream_t stream) {
   if (path == Path::kTwoPass) {
     return false;
   }
   const PathTable table = path_table();
   const int64_t bytes = g.numel() * static_cast<int64_t>(sizeof(typename Op::scalar_t));
-  if (path == Path::kAuto && bytes > max_bytes) {
+  if (path == Path::kAuto && bytes > table.*max_bytes) {
     return false;
   }
   bool launched = false;
@@ -870,7 +870,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(
           data_or_null<param_t>(rv), rv ? rv->stride(0) : 0};
       const SinglePassForward<scalar_t, param_t> single_pass{
           finisher, x.const_data_ptr<scalar_t>(), nullptr, out.buffer.mutable_data_ptr<scalar_t>()};
-      if (run_single_pass(g, single_pass, path, path_table().single_pass_max_bytes_forward, input,
+      if (run_single_pass(g, single_pass, path, &PathTable::single_pass_max_bytes_forward, input,
                           "training forward", device, stream)) {
         return;
       }
@@ -964,7 +964,7 @@ std::tuple<OptTensor, OptTensor, OptTensor> batch_norm_backward_cuda(
             dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), out->buffer.mutable_data_ptr<scalar_t>(),
             mean_c.const_data_ptr<acc_t>(), invstd_c.const_data_ptr<acc_t>(), const_data_or_null<param_t>(w),
             grad_weight_ptr, grad_bias_ptr, inv_count};
-        if (run_single_pass(g, single_pass, path, path_table().single_pass_max_bytes_backward, input,
+        if (run_single_pass(g, single_pass, path, &PathTable::single_pass_max_bytes_backward, input,
                             "training backward", device, stream)) {
           return;
         }
