@@ -20,8 +20,9 @@
 set -uo pipefail
 
 BUDGET_SECONDS=${GPU_CHECK_BUDGET:-465}  # leaves time to pack under 8 minutes
-# Reports copied to the top of the results folder (the rest is in the archive).
-KEEP_FILES=(summary.txt tests.log paths_check.log memcheck.log racecheck.log paths.txt bench_summary.md)
+# Reports copied to the top of the results folder, the first 7 that exist
+# (the rest is in the archive; build.log shows when the build failed).
+KEEP_FILES=(summary.txt tests.log paths_check.log memcheck.log racecheck.log paths.txt bench_summary.md build.log)
 
 # pack_results DIR FILE...: DIR ends up holding results.tar.gz (all of DIR)
 # and, flattened to its top level, those of the named files that exist
