@@ -106,6 +106,8 @@ def sync_batch_norm(input: Tensor, running_mean, running_var, weight, bias, num_
     (momentum=None; read on the device). num_batches_tracked is not
     incremented here.
     """
+    if eps <= 0.0:  # as torch checks it, and before any collective
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     return _SyncBatchNormFunction.apply(
         input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
         group, world_size)

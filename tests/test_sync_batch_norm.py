@@ -326,3 +326,6 @@ def test_bad_layer_input():
         fastbn.SyncBatchNorm(3)(torch.randn(3))
     with pytest.raises(ValueError, match="number of input channels should be non-zero"):
         fastbn.SyncBatchNorm(0)(torch.randn(3, 0))
+    # Refused before the collective (no process group is needed to see it).
+    with pytest.raises(ValueError, match="eps must be positive during training, but got 0.0"):
+        fastbn.sync.sync_batch_norm(torch.randn(4, 3), None, None, None, None, None, 0.1, 0.0, None, 2)
