@@ -247,11 +247,8 @@ inline at::ScalarType check_eval_args(
       {{"weight", &weight}, {"bias", &bias}, {"running_mean", &rm}, {"running_var", &rv}}, op);
 }
 
-// Returns the dtype of the weight gradient (the weight's, else the input's).
-inline at::ScalarType check_backward_args(
-    const Tensor& grad_output, const Tensor& input, const OptTensor& weight, const Tensor& mean,
-    const Tensor& invstd) {
-  constexpr const char* op = "fastbn.batch_norm_backward";
+// The input, and a grad_output of its shape, dtype and device.
+inline void check_grad_output(const Tensor& grad_output, const Tensor& input, const char* op) {
   check_input(input, op);
   TORCH_CHECK(
       grad_output.defined() && grad_output.sizes() == input.sizes(), op,
@@ -263,6 +260,14 @@ inline at::ScalarType check_backward_args(
   TORCH_CHECK(
       grad_output.device() == input.device(), op, ": expected grad_output on the input's device ",
       input.device(), ", got grad_output on ", grad_output.device());
+}
+
+// Returns the dtype of the weight gradient (the weight's, else the input's).
+inline at::ScalarType check_backward_args(
+    const Tensor& grad_output, const Tensor& input, const OptTensor& weight, const Tensor& mean,
+    const Tensor& invstd) {
+  constexpr const char* op = "fastbn.batch_norm_backward";
+  check_grad_output(grad_output, input, op);
   const at::ScalarType param_type = check_params(input, {{"weight", &weight}}, op);
   check_stat_tensor(mean, "mean", input, op);
   check_stat_tensor(invstd, "invstd", input, op);

@@ -61,13 +61,36 @@ _REPLACEMENTS = {
 }
 
 
-def convert(module: nn.Module) -> nn.Module:
+def take_state(converted: nn.Module, module: nn.Module) -> None:
+    """Gives the new layer `converted` the parameters and buffers (the same
+    tensor objects), training mode and qconfig of the batch norm `module`."""
+    if module.affine:
+        converted.weight = module.weight
+        converted.bias = module.bias
+    converted.running_mean = module.running_mean
+    converted.running_var = module.running_var
+    converted.num_batches_tracked = module.num_batches_tracked
+    converted.train(module.training)
+    if hasattr(module, "qconfig"):
+        converted.qconfig = module.qconfig
+
+
+def convert(module: nn.Module, sync: bool = False, process_group=None) -> nn.Module:
     """Returns `module` with every torch BatchNorm1d/2d/3d replaced by fastbn's.
 
     Like nn.SyncBatchNorm.convert_sync_batchnorm: the new modules share the
     original parameters and buffers (same tensor objects) and training mode.
     Subclasses of the torch classes (e.g. SyncBatchNorm) are left alone.
+    sync=True: every BatchNorm*d, torch's or fastbn's, becomes
+    fastbn.SyncBatchNorm over `process_group` (default: the whole world), as
+    fastbn.SyncBatchNorm.convert_sync_batchnorm does.
     """
+    if sync:
+        from .sync import SyncBatchNorm
+
+        return SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    if process_group is not None:
+        raise ValueError("convert: process_group is only used with sync=True")
     converted = module
     replacement = _REPLACEMENTS.get(type(module))
     if replacement is not None:
@@ -79,15 +102,7 @@ def convert(module: nn.Module) -> nn.Module:
             track_running_stats=module.track_running_stats,
             device="meta",
         )
-        if module.affine:
-            converted.weight = module.weight
-            converted.bias = module.bias
-        converted.running_mean = module.running_mean
-        converted.running_var = module.running_var
-        converted.num_batches_tracked = module.num_batches_tracked
-        converted.train(module.training)
-        if hasattr(module, "qconfig"):
-            converted.qconfig = module.qconfig
+        take_state(converted, module)
     for name, child in module.named_children():
         converted.add_module(name, convert(child))
     return converted

@@ -20,6 +20,12 @@ eager_batch_norm_eval = _native.batch_norm_eval
 batch_norm_train = torch.ops.fastbn.batch_norm_train.default
 batch_norm_eval = torch.ops.fastbn.batch_norm_eval.default
 batch_norm_backward = torch.ops.fastbn.batch_norm_backward.default
+# SyncBatchNorm's steps (fastbn/sync.py).
+sync_batch_norm_stats = torch.ops.fastbn.sync_batch_norm_stats.default
+sync_batch_norm_gather_stats = torch.ops.fastbn.sync_batch_norm_gather_stats.default
+sync_batch_norm_elemt = torch.ops.fastbn.sync_batch_norm_elemt.default
+sync_batch_norm_backward_reduce = torch.ops.fastbn.sync_batch_norm_backward_reduce.default
+sync_batch_norm_backward_elemt = torch.ops.fastbn.sync_batch_norm_backward_elemt.default
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,6 +76,44 @@ def _batch_norm_backward_fake(grad_output, input, weight, mean, invstd, training
     grad_weight = input.new_empty((channels,), dtype=param_dtype) if output_mask[1] else None
     grad_bias = input.new_empty((channels,), dtype=param_dtype) if output_mask[2] else None
     return grad_input, grad_weight, grad_bias
+
+
+@torch.library.register_fake("fastbn::sync_batch_norm_stats")
+def _sync_batch_norm_stats_fake(input, weight, bias, running_mean, running_var):
+    _check_devices("fastbn.SyncBatchNorm (statistics)", input, weight=weight, bias=bias,
+                   running_mean=running_mean, running_var=running_var)
+    return input.new_empty((3, input.shape[1]), dtype=_acc_dtype(input.dtype))
+
+
+@torch.library.register_fake("fastbn::sync_batch_norm_gather_stats")
+def _sync_batch_norm_gather_stats_fake(stats, running_mean, running_var, num_batches_tracked,
+                                       momentum, eps):
+    _check_devices("fastbn.SyncBatchNorm (merge of gathered statistics)", stats,
+                   running_mean=running_mean, running_var=running_var,
+                   num_batches_tracked=num_batches_tracked)
+    channels = stats.shape[2]
+    return tuple(stats.new_empty((channels,)) for _ in range(3))
+
+
+@torch.library.register_fake("fastbn::sync_batch_norm_elemt")
+def _sync_batch_norm_elemt_fake(input, weight, bias, mean, invstd):
+    _check_devices("fastbn.SyncBatchNorm (normalisation)", input, weight=weight, bias=bias,
+                   mean=mean, invstd=invstd)
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("fastbn::sync_batch_norm_backward_reduce")
+def _sync_batch_norm_backward_reduce_fake(grad_output, input, mean):
+    _check_devices("fastbn.SyncBatchNorm (backward sums)", input, grad_output=grad_output,
+                   mean=mean)
+    return input.new_empty((2, input.shape[1]), dtype=_acc_dtype(input.dtype))
+
+
+@torch.library.register_fake("fastbn::sync_batch_norm_backward_elemt")
+def _sync_batch_norm_backward_elemt_fake(grad_output, input, weight, mean, invstd, sums, count):
+    _check_devices("fastbn.SyncBatchNorm (grad_input)", input, grad_output=grad_output,
+                   weight=weight, mean=mean, invstd=invstd, sums=sums, count=count)
+    return torch.empty_like(input)
 
 
 def empty_cache() -> None:
