@@ -37,6 +37,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -562,6 +563,10 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["fused"]:  # the fused BN+ReLU benchmark lives in fastbn/bench_fused.py
+        from .bench_fused import main as fused_main
+        return fused_main(argv[1:])
     run(parse_args(argv))
     return 0
 
