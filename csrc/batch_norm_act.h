@@ -65,6 +65,25 @@ inline at::ScalarType check_act_backward_args(
   return param_type;
 }
 
+// The forward's tensors as the kernels walk them: the input (copied to a
+// walkable layout when it has none), its geometry, and the residual (if any)
+// in the input's layout.
+struct ActForwardInputs {
+  Tensor x;
+  Geometry g;
+  Tensor residual;
+  ActForwardInputs(const Tensor& input, const OptTensor& residual_arg)
+      : x(to_walkable(input)), g(geometry_of(x, *direct_layout(x))) {
+    if (const Tensor* r = get_if_defined(residual_arg)) {
+      residual = to_layout_of(*r, x);
+    }
+  }
+  template <typename scalar_t>
+  const scalar_t* residual_data() const {
+    return residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
+  }
+};
+
 using ActGrads = std::tuple<OptTensor, OptTensor, OptTensor, OptTensor>;
 
 // The backward's results for an input without elements, as torch gives them.
@@ -93,6 +112,19 @@ inline OptTensor finished(std::optional<OutputLike>& out) {
 // Per-channel work on C values: ATen's ops, on either device.
 inline void update_running(const Tensor& running, const Tensor& batch, double momentum) {
   running.copy_(running.to(batch.scalar_type()).mul(1.0 - momentum).add(batch, momentum));
+}
+
+// The training forward's last steps on either device: the running-stat
+// update, the output copied over when the kernel wrote a scratch buffer.
+inline std::tuple<Tensor, Tensor, Tensor> finish_act_train(
+    OutputLike& out, const Tensor& save_mean, const Tensor& save_invstd, const Tensor& unbiased_var,
+    const OptTensor& running_mean, const OptTensor& running_var, double momentum) {
+  if (const Tensor* rm = get_if_defined(running_mean)) {
+    update_running(*rm, save_mean, momentum);
+    update_running(*get_if_defined(running_var), unbiased_var, momentum);
+  }
+  out.finish();
+  return {out.result, save_mean, save_invstd};
 }
 
 }  // namespace fastbn

@@ -445,10 +445,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_train_cpu(
   if (input.numel() == 0) {
     return {at::empty_like(input), at::zeros({C}, stat_options), at::zeros({C}, stat_options)};
   }
-  const Tensor x = to_walkable(input);
-  const Geometry g = geometry_of(x, *direct_layout(x));
-  const Tensor* res = get_if_defined(residual);
-  const Tensor r = res != nullptr ? to_layout_of(*res, x) : Tensor();
+  const ActForwardInputs in(input, residual);
+  const Tensor& x = in.x;
+  const Geometry& g = in.g;
   OutputLike out(input, x, pooled(input.scalar_type()));
   Tensor save_mean, save_invstd, unbiased_var;
 
@@ -475,18 +474,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_train_cpu(
       scale[c] = invstd[c] * w[c];
     }
     normalize_act<scalar_t>(
-        g, x_ptr, r.defined() ? r.const_data_ptr<scalar_t>() : nullptr,
+        g, x_ptr, in.residual_data<scalar_t>(),
         out.buffer.mutable_data_ptr<scalar_t>(), relu, mean, scale, b);
     save_mean = channel_tensor(mean, C, input);
     save_invstd = channel_tensor(invstd, C, input);
     unbiased_var = channel_tensor(unbiased, C, input);
   });
-  if (const Tensor* rm = get_if_defined(running_mean)) {
-    update_running(*rm, save_mean, momentum);
-    update_running(*get_if_defined(running_var), unbiased_var, momentum);
-  }
-  out.finish();
-  return {out.result, save_mean, save_invstd};
+  return finish_act_train(out, save_mean, save_invstd, unbiased_var, running_mean, running_var, momentum);
 }
 
 Tensor batch_norm_act_eval_cpu(
@@ -496,10 +490,9 @@ Tensor batch_norm_act_eval_cpu(
   if (input.numel() == 0) {
     return at::empty_like(input);
   }
-  const Tensor x = to_walkable(input);
-  const Geometry g = geometry_of(x, *direct_layout(x));
-  const Tensor* res = get_if_defined(residual);
-  const Tensor r = res != nullptr ? to_layout_of(*res, x) : Tensor();
+  const ActForwardInputs in(input, residual);
+  const Tensor& x = in.x;
+  const Geometry& g = in.g;
   OutputLike out(input, x, pooled(input.scalar_type()));
   const int64_t C = g.C;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastbn_act_eval_cpu", [&] {
@@ -512,7 +505,7 @@ Tensor batch_norm_act_eval_cpu(
       scale[c] = w[c] / std::sqrt(scale[c] + static_cast<acc_t>(eps));
     }
     normalize_act<scalar_t>(
-        g, x.const_data_ptr<scalar_t>(), r.defined() ? r.const_data_ptr<scalar_t>() : nullptr,
+        g, x.const_data_ptr<scalar_t>(), in.residual_data<scalar_t>(),
         out.buffer.mutable_data_ptr<scalar_t>(), relu, mean, scale, b);
   });
   out.finish();

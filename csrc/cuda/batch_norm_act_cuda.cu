@@ -258,10 +258,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_train_cuda(
   if (input.numel() == 0) {
     return {at::empty_like(input), at::zeros({C}, stat_options), at::zeros({C}, stat_options)};
   }
-  const Tensor x = to_walkable(input);
-  const Geometry g = geometry_of(x, *direct_layout(x));
-  const Tensor* res = get_if_defined(residual);
-  const Tensor r = res != nullptr ? to_layout_of(*res, x) : Tensor();
+  const ActForwardInputs in(input, residual);
+  const Tensor& x = in.x;
+  const Geometry& g = in.g;
   OutputLike out(input, x);
   const Tensor save_mean = at::empty({C}, stat_options);
   const Tensor save_invstd = at::empty({C}, stat_options);
@@ -280,14 +279,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_train_cuda(
   const Tensor scale = save_invstd.mul(channel_values(weight, C, input, acc, 1.0));
   const Tensor shift = channel_values(bias, C, input, acc, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastbn_act_train_cuda", [&] {
-    launch_normalize_act<scalar_t>(g, x, r, out.buffer, save_mean, scale, shift, relu, stream);
+    launch_normalize_act<scalar_t>(g, x, in.residual, out.buffer, save_mean, scale, shift, relu, stream);
   });
-  if (const Tensor* rm = get_if_defined(running_mean)) {
-    update_running(*rm, save_mean, momentum);
-    update_running(*get_if_defined(running_var), unbiased_var, momentum);
-  }
-  out.finish();
-  return {out.result, save_mean, save_invstd};
+  return finish_act_train(out, save_mean, save_invstd, unbiased_var, running_mean, running_var, momentum);
 }
 
 Tensor batch_norm_act_eval_cuda(
@@ -298,10 +292,9 @@ Tensor batch_norm_act_eval_cuda(
   if (input.numel() == 0) {
     return at::empty_like(input);
   }
-  const Tensor x = to_walkable(input);
-  const Geometry g = geometry_of(x, *direct_layout(x));
-  const Tensor* res = get_if_defined(residual);
-  const Tensor r = res != nullptr ? to_layout_of(*res, x) : Tensor();
+  const ActForwardInputs in(input, residual);
+  const Tensor& x = in.x;
+  const Geometry& g = in.g;
   OutputLike out(input, x);
   const at::ScalarType acc = acc_dtype(input.scalar_type());
   const Tensor mean = running_mean.to(acc).contiguous();
@@ -309,7 +302,7 @@ Tensor batch_norm_act_eval_cuda(
   const Tensor shift = channel_values(bias, g.C, input, acc, 0.0);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.get_device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastbn_act_eval_cuda", [&] {
-    launch_normalize_act<scalar_t>(g, x, r, out.buffer, mean, scale, shift, relu, stream);
+    launch_normalize_act<scalar_t>(g, x, in.residual, out.buffer, mean, scale, shift, relu, stream);
   });
   out.finish();
   return out.result;
