@@ -103,31 +103,33 @@ def test_residual_in_another_layout(device, training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradient_at_exactly_zero_is_zero(device, fmt, training):
     """Outputs of exactly 0 after the add get gradient 0, as torch's ReLU
-    backward gives: inputs are small integers whose channel means are exactly
-    0 (so x = 0 normalises to exactly 0), bias 0, residual 0 where x is 0."""
-    N, C, H, W = 4, 6, 5, 5
-    values = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0], dtype=torch.float64)
-    x = torch.empty(C, N * H * W, dtype=torch.float64)
-    for c in range(C):
-        x[c] = values.repeat(N * H * W // 5)[torch.randperm(N * H * W)]
-    x = x.reshape(C, N, H, W).transpose(0, 1).contiguous().to(device)
-    if fmt == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    residual = torch.randn_like(x) * (x != 0)
-    weight, _, _, _ = channel_params(C, torch.float64, device)
-    bias = torch.zeros(C, dtype=torch.float64, device=device)
-    # Evaluation with eps = 0 and the batch's exact statistics: scale is exact too.
-    running_mean = torch.zeros(C, dtype=torch.float64, device=device)
-    running_var = torch.full((C,), 4.0, dtype=torch.float64, device=device)
-    eps = 1e-5 if training else 0.0
-    (y, grads, _, _), (y_ref, grads_ref, _, _) = run_fused_and_unfused(
-        x, residual, (weight, bias, running_mean, running_var), training, True, eps=eps)
-    zeros = (x == 0)
-    assert zeros.sum() > 0 and (y[zeros] == 0).all() and (y_ref[zeros] == 0).all()
-    assert (grads[1][zeros] == 0).all() and (grads_ref[1][zeros] == 0).all()
-    torch.testing.assert_close(y, y_ref, **EXACT)
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, **EXACT)
+    backward gives: at a third of the positions the residual is minus the
+    batch norm's output (each implementation's own), so the pre-activation
+    is exactly 0 there in both."""
+    shape = (4, 6, 5, 5)
+    x = make_input(shape, torch.float64, device, fmt)
+    weight, bias, running_mean, running_var = channel_params(6, torch.float64, device)
+    at_zero = torch.rand(shape, device=device) < 1 / 3
+    noise = torch.randn_like(x)
+    grad_out = torch.randn_like(x)
+    results = []
+    for fused in (True, False):
+        rm, rv = running_mean.clone(), running_var.clone()
+        with torch.no_grad():
+            if fused:
+                bn = fastbn.batch_norm_act(x, rm.clone(), rv.clone(), weight, bias, training, activation=None)
+            else:
+                bn = F.batch_norm(x, rm.clone(), rv.clone(), weight, bias, training)
+        xi, ri, wi, bi = leaves(x, torch.where(at_zero, -bn, noise), weight, bias)
+        if fused:
+            y = fastbn.batch_norm_act(xi, rm, rv, wi, bi, training, residual=ri)
+        else:
+            y = torch.relu(F.batch_norm(xi, rm, rv, wi, bi, training) + ri)
+        y.backward(grad_out)
+        assert (y[at_zero] == 0).all() and (ri.grad[at_zero] == 0).all()
+        results.append((y.detach(), xi.grad, ri.grad, wi.grad, bi.grad))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, **EXACT)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES[:1] + FLOAT_DTYPES[2:], ids=str)
