@@ -141,10 +141,20 @@ inline void map_run(
   }
 }
 
+// Channels [begin, end) of a channels-first tensor, run inline by the caller's
+// thread: a pass over them right after another one finds their rows still in
+// cache when a channel's values fit (the statistics then the normalisation,
+// the gradient sums then grad_input), so the input is read from memory once.
+struct ChannelBlock {
+  int64_t begin;
+  int64_t end;
+};
+
 template <typename scalar_t, int kIn, int kParams, typename Op>
 void channel_map(
     const Geometry& g, const Inputs<scalar_t, kIn>& in, scalar_t* out,
-    const std::vector<at::opmath_type<scalar_t>>* const (&params)[kParams], const Op& op) {
+    const std::vector<at::opmath_type<scalar_t>>* const (&params)[kParams], const Op& op,
+    const ChannelBlock* block = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   using aVec = Vectorized<acc_t>;
   const bool stream = stream_output<scalar_t>(g);
@@ -162,16 +172,23 @@ void channel_map(
       stream_fence();
     });
   } else {
-    parallel_items(g.N * g.C, g.S, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t c = row % g.C;
-        aVec row_param[kParams];
-        for (int j = 0; j < kParams; ++j) row_param[j] = aVec((*params[j])[c]);
-        const auto param_at = [&row_param](int64_t, int, aVec (&param)[kParams]) {
-          for (int j = 0; j < kParams; ++j) param[j] = row_param[j];
-        };
-        map_run<scalar_t, kIn, kParams>(in, out, row * g.S, g.S, param_at, op, stream);
+    const auto map_row = [&](int64_t row) {
+      const int64_t c = row % g.C;
+      aVec row_param[kParams];
+      for (int j = 0; j < kParams; ++j) row_param[j] = aVec((*params[j])[c]);
+      const auto param_at = [&row_param](int64_t, int, aVec (&param)[kParams]) {
+        for (int j = 0; j < kParams; ++j) param[j] = row_param[j];
+      };
+      map_run<scalar_t, kIn, kParams>(in, out, row * g.S, g.S, param_at, op, stream);
+    };
+    if (block != nullptr) {
+      for (int64_t n = 0; n < g.N; ++n) {
+        for (int64_t c = block->begin; c < block->end; ++c) map_row(n * g.C + c);
       }
+      return;
+    }
+    parallel_items(g.N * g.C, g.S, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) map_row(row);
       stream_fence();
     });
   }
@@ -223,7 +240,8 @@ template <typename scalar_t, int kIn, int kParams, typename Op>
 void channel_sums(
     const Geometry& g, const Inputs<scalar_t, kIn>& in, scalar_t* out,
     const std::vector<at::opmath_type<scalar_t>>* const (&params)[kParams], const Op& op,
-    at::opmath_type<scalar_t>* sum_a, at::opmath_type<scalar_t>* sum_b) {
+    at::opmath_type<scalar_t>* sum_a, at::opmath_type<scalar_t>* sum_b,
+    const ChannelBlock* block = nullptr) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using aVec = typename IO::aVec;
@@ -231,7 +249,7 @@ void channel_sums(
   const bool stream = out != nullptr && stream_output<scalar_t>(g);
   if (!g.channels_last()) {
     // One item per channel: its N rows of S values, summed in vectors.
-    parallel_items(g.C, g.N * g.S, [&](int64_t begin, int64_t end) {
+    const auto channels = [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         aVec param[kVecs][kParams];
         for (int k = 0; k < kVecs; ++k)
@@ -256,6 +274,13 @@ void channel_sums(
         sum_a[c] = lane_sum(ta);
         sum_b[c] = lane_sum(tb);
       }
+    };
+    if (block != nullptr) {
+      channels(block->begin, block->end);
+      return;
+    }
+    parallel_items(g.C, g.N * g.S, [&](int64_t begin, int64_t end) {
+      channels(begin, end);
       stream_fence();
     });
     return;
@@ -397,6 +422,22 @@ struct MaskedGrad {
   }
 };
 
+// run(block) for blocks of channels in parallel (channels-first: the passes
+// of a block follow each other while its rows are in cache), or run(nullptr)
+// once, every pass parallel on its own (channels-last).
+template <typename Run>
+void run_by_channel_blocks(const Geometry& g, const Run& run) {
+  if (g.channels_last()) {
+    run(nullptr);
+    return;
+  }
+  parallel_items(g.C, g.N * g.S, [&](int64_t begin, int64_t end) {
+    const ChannelBlock block{begin, end};
+    run(&block);
+    stream_fence();
+  });
+}
+
 // Calls f(std::integral_constant<bool, relu>).
 template <typename F>
 void dispatch_relu(bool relu, const F& f) {
@@ -414,14 +455,14 @@ void normalize_act(
     const Geometry& g, const scalar_t* x, const scalar_t* residual, scalar_t* y, bool relu,
     const std::vector<at::opmath_type<scalar_t>>& mean,
     const std::vector<at::opmath_type<scalar_t>>& scale,
-    const std::vector<at::opmath_type<scalar_t>>& bias) {
+    const std::vector<at::opmath_type<scalar_t>>& bias, const ChannelBlock* block = nullptr) {
   const std::vector<at::opmath_type<scalar_t>>* params[3] = {&mean, &scale, &bias};
   dispatch_relu(relu, [&](auto relu_tag) {
     constexpr bool kRelu = decltype(relu_tag)::value;
     if (residual != nullptr) {
-      channel_map<scalar_t, 2, 3>(g, Inputs<scalar_t, 2>{{x, residual}}, y, params, NormalizeAct<2, kRelu>{});
+      channel_map<scalar_t, 2, 3>(g, Inputs<scalar_t, 2>{{x, residual}}, y, params, NormalizeAct<2, kRelu>{}, block);
     } else {
-      channel_map<scalar_t, 1, 3>(g, Inputs<scalar_t, 1>{{x}}, y, params, NormalizeAct<1, kRelu>{});
+      channel_map<scalar_t, 1, 3>(g, Inputs<scalar_t, 1>{{x}}, y, params, NormalizeAct<1, kRelu>{}, block);
     }
   });
 }
@@ -460,22 +501,26 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_train_cpu(
     }
     std::vector<acc_t> s1(C), s2(C);
     const std::vector<acc_t>* shift_param[1] = {&shift};
-    channel_sums<scalar_t, 1, 1>(g, Inputs<scalar_t, 1>{{x_ptr}}, nullptr, shift_param, ShiftedMoments{},
-                                 s1.data(), s2.data());
     const acc_t n = static_cast<acc_t>(g.reduce_size());
     std::vector<acc_t> w = padded_or<scalar_t>(weight, C, 1.0), b = padded_or<scalar_t>(bias, C, 0.0);
     std::vector<acc_t> mean(C + VecIO<scalar_t>::kStep), scale(mean.size()), invstd(C), unbiased(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t shifted_mean = s1[c] / n;
-      const acc_t var = std::max(acc_t(0), (s2[c] - s1[c] * shifted_mean) / n);
-      mean[c] = shift[c] + shifted_mean;
-      invstd[c] = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
-      unbiased[c] = var * n / (n - acc_t(1));
-      scale[c] = invstd[c] * w[c];
-    }
-    normalize_act<scalar_t>(
-        g, x_ptr, in.residual_data<scalar_t>(),
-        out.buffer.mutable_data_ptr<scalar_t>(), relu, mean, scale, b);
+    // Statistics, then the output, of the channels in `block` (all with none).
+    const auto run = [&](const ChannelBlock* block) {
+      channel_sums<scalar_t, 1, 1>(g, Inputs<scalar_t, 1>{{x_ptr}}, nullptr, shift_param, ShiftedMoments{},
+                                   s1.data(), s2.data(), block);
+      for (int64_t c = block ? block->begin : 0; c < (block ? block->end : C); ++c) {
+        const acc_t shifted_mean = s1[c] / n;
+        const acc_t var = std::max(acc_t(0), (s2[c] - s1[c] * shifted_mean) / n);
+        mean[c] = shift[c] + shifted_mean;
+        invstd[c] = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+        unbiased[c] = var * n / (n - acc_t(1));
+        scale[c] = invstd[c] * w[c];
+      }
+      normalize_act<scalar_t>(
+          g, x_ptr, in.residual_data<scalar_t>(), out.buffer.mutable_data_ptr<scalar_t>(), relu, mean,
+          scale, b, block);
+    };
+    run_by_channel_blocks(g, run);
     save_mean = channel_tensor(mean, C, input);
     save_invstd = channel_tensor(invstd, C, input);
     unbiased_var = channel_tensor(unbiased, C, input);
@@ -552,41 +597,50 @@ ActGrads batch_norm_act_backward_cpu(
       sources_x.p[0] = sources.p[0] = dy_ptr;
       if constexpr (kRelu) sources_x.p[1] = sources.p[1] = y_ptr;
       sources_x.p[GradSums<kRelu>::kIn - 1] = x_ptr;
-      if (need_sums) {
-        channel_sums<scalar_t, GradSums<kRelu>::kIn, 1>(
-            g, sources_x, dres_ptr, mean_param, GradSums<kRelu>{}, sum_d.data(), sum_dxmu.data());
-      } else if (dres_ptr != nullptr) {
-        channel_map<scalar_t, MaskedGrad<kRelu>::kIn, 1>(g, sources, dres_ptr, mean_param, MaskedGrad<kRelu>{});
-      }
-      if (!dx) {
-        return;
-      }
-      scalar_t* dx_ptr = dx->buffer.mutable_data_ptr<scalar_t>();
+      scalar_t* dx_ptr = dx ? dx->buffer.mutable_data_ptr<scalar_t>() : nullptr;
       const acc_t inv_n = acc_t(1) / static_cast<acc_t>(g.reduce_size());
       Vec scale(mu.size(), acc_t(0)), mean_d(mu.size(), acc_t(0)), xmu_factor(mu.size(), acc_t(0));
-      for (int64_t c = 0; c < C; ++c) {
-        scale[c] = inv[c] * w[c];
-        mean_d[c] = sum_d[c] * inv_n;
-        xmu_factor[c] = inv[c] * inv[c] * sum_dxmu[c] * inv_n;
-      }
-      // With grad_residual written, it is the masked gradient: read it
-      // instead of dy and y.
-      if (training) {
-        const Vec* params[4] = {&mu, &mean_d, &xmu_factor, &scale};
-        if (dres_ptr != nullptr) {
-          channel_map<scalar_t, 2, 4>(g, Inputs<scalar_t, 2>{{dres_ptr, x_ptr}}, dx_ptr, params,
-                                      GradInputTrain<false>{});
-        } else {
-          channel_map<scalar_t, GradInputTrain<kRelu>::kIn, 4>(g, sources_x, dx_ptr, params,
-                                                               GradInputTrain<kRelu>{});
+      // The sums (and grad_residual), then grad_input, of the channels in
+      // `block` (all with none).
+      const auto run = [&](const ChannelBlock* block) {
+        if (need_sums) {
+          channel_sums<scalar_t, GradSums<kRelu>::kIn, 1>(
+              g, sources_x, dres_ptr, mean_param, GradSums<kRelu>{}, sum_d.data(), sum_dxmu.data(), block);
+        } else if (dres_ptr != nullptr) {
+          channel_map<scalar_t, MaskedGrad<kRelu>::kIn, 1>(g, sources, dres_ptr, mean_param, MaskedGrad<kRelu>{}, block);
         }
+        if (dx_ptr == nullptr) {
+          return;
+        }
+        for (int64_t c = block ? block->begin : 0; c < (block ? block->end : C); ++c) {
+          scale[c] = inv[c] * w[c];
+          mean_d[c] = sum_d[c] * inv_n;
+          xmu_factor[c] = inv[c] * inv[c] * sum_dxmu[c] * inv_n;
+        }
+        // With grad_residual written, it is the masked gradient: read it
+        // instead of dy and y.
+        if (training) {
+          const Vec* params[4] = {&mu, &mean_d, &xmu_factor, &scale};
+          if (dres_ptr != nullptr) {
+            channel_map<scalar_t, 2, 4>(g, Inputs<scalar_t, 2>{{dres_ptr, x_ptr}}, dx_ptr, params,
+                                        GradInputTrain<false>{}, block);
+          } else {
+            channel_map<scalar_t, GradInputTrain<kRelu>::kIn, 4>(g, sources_x, dx_ptr, params,
+                                                                 GradInputTrain<kRelu>{}, block);
+          }
+        } else {
+          const Vec* params[1] = {&scale};
+          if (dres_ptr != nullptr) {
+            channel_map<scalar_t, 1, 1>(g, Inputs<scalar_t, 1>{{dres_ptr}}, dx_ptr, params, GradInputEval<false>{}, block);
+          } else {
+            channel_map<scalar_t, GradInputEval<kRelu>::kIn, 1>(g, sources, dx_ptr, params, GradInputEval<kRelu>{}, block);
+          }
+        }
+      };
+      if (need_sums) {
+        run_by_channel_blocks(g, run);
       } else {
-        const Vec* params[1] = {&scale};
-        if (dres_ptr != nullptr) {
-          channel_map<scalar_t, 1, 1>(g, Inputs<scalar_t, 1>{{dres_ptr}}, dx_ptr, params, GradInputEval<false>{});
-        } else {
-          channel_map<scalar_t, GradInputEval<kRelu>::kIn, 1>(g, sources, dx_ptr, params, GradInputEval<kRelu>{});
-        }
+        run(nullptr);
       }
     });
     sum_d_t = channel_tensor(sum_d, C, input);
