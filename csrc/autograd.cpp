@@ -344,6 +344,178 @@ std::tuple<OptTensor, OptTensor, OptTensor> batch_norm_backward_autograd(
   return {grad_input, grad_weight, grad_bias};
 }
 
+// ---------------------------------------------------------------------------
+// Fused batch norm + residual add + ReLU (batch_norm_act_*): first-order
+// reverse mode only. The backward reads the forward's output for the ReLU's
+// mask, so nothing else is kept; double backward and forward-mode AD are
+// refused with an error rather than given wrong values.
+// ---------------------------------------------------------------------------
+
+using ActTrainSig = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+    const OptTensor&, double, double, bool);
+using ActEvalSig = Tensor(
+    const Tensor&, const OptTensor&, const Tensor&, const Tensor&, const OptTensor&,
+    const OptTensor&, double, bool);
+using ActBackwardSig = std::tuple<OptTensor, OptTensor, OptTensor, OptTensor>(
+    const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
+    bool, bool, std::array<bool, 4>);
+
+const c10::TypedOperatorHandle<ActTrainSig>& act_train_op() {
+  static const auto handle = find_op<ActTrainSig>("fastbn::batch_norm_act_train");
+  return handle;
+}
+const c10::TypedOperatorHandle<ActEvalSig>& act_eval_op() {
+  static const auto handle = find_op<ActEvalSig>("fastbn::batch_norm_act_eval");
+  return handle;
+}
+const c10::TypedOperatorHandle<ActBackwardSig>& act_backward_op() {
+  static const auto handle = find_op<ActBackwardSig>("fastbn::batch_norm_act_backward");
+  return handle;
+}
+
+template <typename... Tensors>
+void check_no_tangents(const Tensors&... tensors) {
+  TORCH_CHECK(
+      !(has_tangent(tensors) || ...),
+      "fastbn.batch_norm_act does not support forward-mode AD (torch.func.jvp, "
+      "torch.autograd.forward_ad); use fastbn.batch_norm followed by torch.relu");
+}
+
+// Edges: input, residual, weight, bias.
+struct BatchNormActBackward : public Node {
+  SavedVariable input_, weight_, output_, first_stat_, second_stat_;
+  bool training_ = true;
+  bool relu_ = true;
+  double eps_ = 0;
+
+  std::string name() const override {
+    return training_ ? "fastbn::BatchNormActTrainBackward" : "fastbn::BatchNormActEvalBackward";
+  }
+  void release_variables() override {
+    input_.reset_data();
+    weight_.reset_data();
+    output_.reset_data();
+    first_stat_.reset_data();
+    second_stat_.reset_data();
+  }
+  variable_list apply(variable_list&& grads) override {
+    const Tensor& grad_out = grads[0];
+    if (!grad_out.defined()) {
+      return variable_list(4);
+    }
+    const auto self = getptr();
+    const Tensor input = input_.unpack(self);
+    Tensor mean = first_stat_.unpack(self), invstd = second_stat_.unpack(self);
+    if (!training_) {
+      std::tie(mean, invstd) = eval_statistics(input, mean, invstd, eps_);
+    }
+    const std::array<bool, 4> mask{
+        should_compute_output(0), should_compute_output(1), should_compute_output(2),
+        should_compute_output(3)};
+    const auto [grad_input, grad_residual, grad_weight, grad_bias] = act_backward_op().call(
+        grad_out, relu_ ? optional_of(output_.unpack(self)) : std::nullopt, input,
+        optional_of(weight_.unpack(self)), mean, invstd, training_, relu_, mask);
+    return {defined_or_empty(grad_input), defined_or_empty(grad_residual),
+            defined_or_empty(grad_weight), defined_or_empty(grad_bias)};
+  }
+};
+
+void record_act_forward(
+    const Tensor& out, const Tensor& input, const OptTensor& residual, const OptTensor& weight,
+    const OptTensor& bias, const Tensor& first_stat, const Tensor& second_stat, bool training,
+    double eps, bool relu) {
+  auto node = make_node<BatchNormActBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(input, residual, weight, bias));
+  node->input_ = SavedVariable(input, false);
+  node->weight_ = SavedVariable(defined_or_empty(weight), false);
+  node->first_stat_ = SavedVariable(first_stat, false);
+  node->second_stat_ = SavedVariable(second_stat, false);
+  node->training_ = training;
+  node->relu_ = relu;
+  node->eps_ = eps;
+  torch::autograd::set_history(out, node);
+  if (relu) {
+    node->output_ = SavedVariable(out, /*is_output=*/true);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_act_train_autograd(
+    const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var, double momentum, double eps,
+    bool relu) {
+  if (!plain_call(input, residual, weight, bias, running_mean, running_var)) {
+    check_running_stats_not_differentiable(running_mean, running_var);
+    check_no_tangents(input, residual, weight, bias);
+  }
+  Tensor out, save_mean, save_invstd;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(out, save_mean, save_invstd) = act_train_op().call(
+        input, residual, weight, bias, running_mean, running_var, momentum, eps, relu);
+  }
+  bump_running_versions(running_mean, running_var);
+  if (graph_needed(input, residual, weight, bias)) {
+    record_act_forward(
+        out, input, residual, weight, bias, save_mean, save_invstd, /*training=*/true, eps, relu);
+  }
+  return {out, save_mean, save_invstd};
+}
+
+Tensor batch_norm_act_eval_autograd(
+    const Tensor& input, const OptTensor& residual, const Tensor& running_mean,
+    const Tensor& running_var, const OptTensor& weight, const OptTensor& bias, double eps,
+    bool relu) {
+  if (!plain_call(input, residual, weight, bias, running_mean, running_var)) {
+    check_running_stats_not_differentiable(running_mean, running_var);
+    check_no_tangents(input, residual, weight, bias);
+  }
+  Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = act_eval_op().call(input, residual, running_mean, running_var, weight, bias, eps, relu);
+  }
+  if (graph_needed(input, residual, weight, bias)) {
+    record_act_forward(
+        out, input, residual, weight, bias, running_mean, running_var, /*training=*/false, eps, relu);
+  }
+  return out;
+}
+
+// The backward's own backward: refuses to run (first-order gradients under
+// create_graph=True are computed; differentiating them is what fails).
+struct BatchNormActDoubleBackward : public Node {
+  std::string name() const override { return "fastbn::BatchNormActDoubleBackward"; }
+  variable_list apply(variable_list&&) override {
+    TORCH_CHECK(
+        false,
+        "fastbn.batch_norm_act: double backward of the fused batch norm + ReLU is not supported "
+        "(use fastbn.batch_norm followed by torch.relu where second-order gradients are needed)");
+  }
+};
+
+std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> batch_norm_act_backward_autograd(
+    const Tensor& grad_output, const OptTensor& output, const Tensor& input,
+    const OptTensor& weight, const Tensor& mean, const Tensor& invstd, bool training, bool relu,
+    std::array<bool, 4> output_mask) {
+  check_no_tangents(grad_output, output, input, weight, mean, invstd);
+  std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> grads;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    grads = act_backward_op().call(
+        grad_output, output, input, weight, mean, invstd, training, relu, output_mask);
+  }
+  if (graph_needed(grad_output, output, input, weight)) {
+    auto node = make_node<BatchNormActDoubleBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(grad_output, output, input, weight));
+    torch::autograd::set_history(
+        {defined_or_empty(std::get<0>(grads)), defined_or_empty(std::get<1>(grads)),
+         defined_or_empty(std::get<2>(grads)), defined_or_empty(std::get<3>(grads))},
+        node);
+  }
+  return grads;
+}
+
 }  // namespace
 }  // namespace fastbn
 
@@ -351,4 +523,10 @@ TORCH_LIBRARY_IMPL(fastbn, Autograd, m) {
   m.impl("batch_norm_train", &fastbn::batch_norm_train_autograd);
   m.impl("batch_norm_eval", &fastbn::batch_norm_eval_autograd);
   m.impl("batch_norm_backward", &fastbn::batch_norm_backward_autograd);
+}
+
+TORCH_LIBRARY_IMPL(fastbn, Autograd, m) {
+  m.impl("batch_norm_act_train", &fastbn::batch_norm_act_train_autograd);
+  m.impl("batch_norm_act_eval", &fastbn::batch_norm_act_eval_autograd);
+  m.impl("batch_norm_act_backward", &fastbn::batch_norm_act_backward_autograd);
 }

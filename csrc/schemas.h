@@ -72,6 +72,28 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "sync_batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, "
       "Tensor mean, Tensor invstd, Tensor sums, Tensor count) -> Tensor");
+  // Fused batch norm + residual add + activation:
+  //   output = act(batch_norm(input) + residual)
+  // residual is optional (None adds nothing) and act is ReLU when `relu`,
+  // else the identity. Statistics and running-stat updates as in
+  // batch_norm_train / batch_norm_eval.
+  m.def(
+      "batch_norm_act_train(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps, bool relu) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_act_eval(Tensor input, Tensor? residual, Tensor running_mean, "
+      "Tensor running_var, Tensor? weight, Tensor? bias, float eps, bool relu) -> Tensor");
+  // Backward of either fused forward. `output` is the forward's output, whose
+  // sign is the ReLU's mask (no pre-activation tensor is kept; required with
+  // relu, unused without); with relu, the
+  // gradient at an output of exactly 0 is 0, as torch's ReLU backward gives.
+  // output_mask selects (grad_input, grad_residual, grad_weight, grad_bias);
+  // grad_residual is the gradient that reaches the add.
+  m.def(
+      "batch_norm_act_backward(Tensor grad_output, Tensor? output, Tensor input, Tensor? weight, "
+      "Tensor mean, Tensor invstd, bool training, bool relu, bool[4] output_mask) "
+      "-> (Tensor?, Tensor?, Tensor?, Tensor?)");
 }
 
 }  // namespace fastbn

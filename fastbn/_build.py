@@ -20,12 +20,14 @@ CPU_SOURCES = [
     "csrc/autograd.cpp",
     "csrc/legacy_batching.cpp",
     "csrc/cpu/batch_norm_cpu.cpp",
+    "csrc/cpu/batch_norm_act_cpu.cpp",
     "csrc/cpu/output_pool.cpp",
     "csrc/cpu/sync_batch_norm_cpu.cpp",
 ]
 CUDA_SOURCES = [
     "csrc/cuda/batch_norm_cuda.cu",
     "csrc/cuda/sync_batch_norm_cuda.cu",
+    "csrc/cuda/batch_norm_act_cuda.cu",
 ]
 # The SIMT backend's runtime (tests only, never in a user's build): with the
 # CUDA_SOURCES rewritten for it, it runs the CUDA kernels on the CPU

@@ -43,6 +43,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -583,6 +584,10 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["fused"]:  # the fused BN+ReLU benchmark lives in fastbn/bench_fused.py
+        from .bench_fused import main as fused_main
+        return fused_main(argv[1:])
     args = parse_args(argv)
     if args.tune:
         cuda_paths.tune(args.out, args.min_run_time or 0.1)

@@ -1,4 +1,5 @@
-"""fastbn.batch_norm: torch.nn.functional.batch_norm on fastbn's kernels."""
+"""fastbn.batch_norm: torch.nn.functional.batch_norm on fastbn's kernels;
+fastbn.batch_norm_act: the same fused with a residual add and a ReLU."""
 from __future__ import annotations
 
 from typing import Optional
@@ -27,12 +28,7 @@ def batch_norm(
     unbiased batch variance for running_var. training=False normalises with the
     running statistics.
     """
-    # eps as torch checks it (torch.nn.functional.batch_norm, before anything runs).
-    if training:
-        if eps <= 0.0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    elif eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    _check_eps(training, eps)
     if is_compiling():
         # Compiled and traced code must see torch.ops.
         if input.numel() == 0:
@@ -54,6 +50,64 @@ def batch_norm(
         if not training:
             _check_eval_running_stats(running_mean, running_var)
         raise
+
+
+def _check_eps(training: bool, eps: float) -> None:
+    """eps as torch checks it (torch.nn.functional.batch_norm, before anything runs)."""
+    if training:
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+ACTIVATIONS = ("relu", "identity")
+
+
+def check_activation(activation: Optional[str]) -> str:
+    """The activation's canonical name: "relu", or "identity" (also None)."""
+    name = "identity" if activation is None else activation
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be 'relu', 'identity' or None, got {activation!r}")
+    return name
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+    activation: Optional[str] = "relu",
+) -> Tensor:
+    """act(batch_norm(input, ...) + residual) in one fused operator.
+
+    The batch norm arguments are torch.nn.functional.batch_norm's (and
+    fastbn.batch_norm's, running statistics updated the same way); residual,
+    when given, has the input's shape and dtype and is added before the
+    activation; activation is "relu" or "identity" (None). Equal to
+    ``torch.relu(F.batch_norm(input, ...) + residual)``, with one pass over
+    the tensor each way instead of three, and no tensor kept for the backward
+    but the input and the output (the ReLU's mask is the output's sign; at an
+    output of exactly 0 the gradient is 0, as torch's ReLU gives).
+    First-order gradients only: double backward and forward-mode AD raise.
+    """
+    relu = check_activation(activation) == "relu"
+    _check_eps(training, eps)
+    if input.numel() == 0:
+        out = _empty_batch_norm(input, weight, bias)
+        if residual is not None:
+            out = out + residual
+        return out.relu() if relu else out
+    if training:
+        return ops.batch_norm_act_train(
+            input, residual, weight, bias, running_mean, running_var, momentum, eps, relu)[0]
+    _check_eval_running_stats(running_mean, running_var)
+    return ops.batch_norm_act_eval(input, residual, running_mean, running_var, weight, bias, eps, relu)
 
 
 def _check_eval_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .functional import batch_norm
+from .functional import batch_norm, batch_norm_act, check_activation
 
 
 class _FastBatchNorm:
@@ -16,6 +16,10 @@ class _FastBatchNorm:
     """
 
     def forward(self, input: Tensor) -> Tensor:
+        return self._normalize(input, batch_norm)
+
+    def _normalize(self, input: Tensor, norm) -> Tensor:
+        """Runs norm (with batch_norm's signature) as _BatchNorm.forward runs F.batch_norm."""
         self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
         tracking = (
@@ -27,7 +31,7 @@ class _FastBatchNorm:
         # Batch statistics in training, and in eval when no running stats exist.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
-        out = batch_norm(
+        out = norm(
             input,
             self.running_mean if keep_running else None,
             self.running_var if keep_running else None,
@@ -52,6 +56,40 @@ class BatchNorm2d(_FastBatchNorm, nn.BatchNorm2d):
 
 class BatchNorm3d(_FastBatchNorm, nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on fastbn's kernels: same arguments, buffers and state_dict."""
+
+
+class _FastBatchNormAct(_FastBatchNorm):
+    """BatchNorm*d fused with an optional residual add and an activation:
+    ``bn_act(x, residual)`` is ``relu(bn(x) + residual)`` (activation="relu")
+    or ``bn(x) + residual`` (activation="identity"), in one fastbn operator.
+    Same parameters, buffers and state_dict as torch's BatchNorm*d."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None,
+                 activation: str = "relu") -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.activation = check_activation(activation)
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        def norm(*args):
+            return batch_norm_act(*args, residual=residual, activation=self.activation)
+
+        return self._normalize(input, norm)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation}"
+
+
+class BatchNormAct1d(_FastBatchNormAct, nn.BatchNorm1d):
+    """fastbn.BatchNorm1d + residual add + activation in one operator (see _FastBatchNormAct)."""
+
+
+class BatchNormAct2d(_FastBatchNormAct, nn.BatchNorm2d):
+    """fastbn.BatchNorm2d + residual add + activation in one operator (see _FastBatchNormAct)."""
+
+
+class BatchNormAct3d(_FastBatchNormAct, nn.BatchNorm3d):
+    """fastbn.BatchNorm3d + residual add + activation in one operator (see _FastBatchNormAct)."""
 
 
 _REPLACEMENTS = {

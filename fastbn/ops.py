@@ -26,6 +26,9 @@ sync_batch_norm_gather_stats = torch.ops.fastbn.sync_batch_norm_gather_stats.def
 sync_batch_norm_elemt = torch.ops.fastbn.sync_batch_norm_elemt.default
 sync_batch_norm_backward_reduce = torch.ops.fastbn.sync_batch_norm_backward_reduce.default
 sync_batch_norm_backward_elemt = torch.ops.fastbn.sync_batch_norm_backward_elemt.default
+batch_norm_act_train = torch.ops.fastbn.batch_norm_act_train.default
+batch_norm_act_eval = torch.ops.fastbn.batch_norm_act_eval.default
+batch_norm_act_backward = torch.ops.fastbn.batch_norm_act_backward.default
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -114,6 +117,31 @@ def _sync_batch_norm_backward_elemt_fake(grad_output, input, weight, mean, invst
     _check_devices("fastbn.SyncBatchNorm (grad_input)", input, grad_output=grad_output,
                    weight=weight, mean=mean, invstd=invstd, sums=sums, count=count)
     return torch.empty_like(input)
+
+
+@torch.library.register_fake("fastbn::batch_norm_act_train")
+def _batch_norm_act_train_fake(input, residual, weight, bias, running_mean, running_var, momentum, eps, relu):
+    _check_devices("fastbn.batch_norm_act (training)", input, residual=residual, weight=weight,
+                   bias=bias, running_mean=running_mean, running_var=running_var)
+    return _batch_norm_train_fake(input, weight, bias, running_mean, running_var, momentum, eps)
+
+
+@torch.library.register_fake("fastbn::batch_norm_act_eval")
+def _batch_norm_act_eval_fake(input, residual, running_mean, running_var, weight, bias, eps, relu):
+    _check_devices("fastbn.batch_norm_act (eval)", input, residual=residual, weight=weight,
+                   bias=bias, running_mean=running_mean, running_var=running_var)
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("fastbn::batch_norm_act_backward")
+def _batch_norm_act_backward_fake(grad_output, output, input, weight, mean, invstd, training, relu,
+                                  output_mask):
+    _check_devices("fastbn.batch_norm_act_backward", input, grad_output=grad_output, output=output)
+    grad_input, grad_weight, grad_bias = _batch_norm_backward_fake(
+        grad_output, input, weight, mean, invstd, training,
+        [output_mask[0], output_mask[2], output_mask[3]])
+    grad_residual = torch.empty_like(input) if output_mask[1] else None
+    return grad_input, grad_residual, grad_weight, grad_bias
 
 
 def empty_cache() -> None:
