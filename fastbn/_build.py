@@ -21,8 +21,16 @@ CPU_SOURCES = [
     "csrc/legacy_batching.cpp",
     "csrc/cpu/batch_norm_cpu.cpp",
     "csrc/cpu/batch_norm_act_cpu.cpp",
+    "csrc/cpu/cpu_isa.cpp",
     "csrc/cpu/output_pool.cpp",
     "csrc/cpu/sync_batch_norm_cpu.cpp",
+]
+# CPU kernel files (see csrc/cpu/kernels.h): compiled once per instruction-set
+# variant. A new kernel file joins by being listed here.
+CPU_KERNEL_SOURCES = [
+    "csrc/cpu/statistics_kernels.cpp",
+    "csrc/cpu/elementwise_kernels.cpp",
+    "csrc/cpu/fused_kernels.cpp",
 ]
 CUDA_SOURCES = [
     "csrc/cuda/batch_norm_cuda.cu",
@@ -130,5 +138,5 @@ def ld_flags() -> list[str]:
 
 
 def sources(with_cuda: bool, absolute: bool = False) -> list[str]:
-    files = CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])
+    files = CPU_SOURCES + CPU_KERNEL_SOURCES + (CUDA_SOURCES if with_cuda else [])
     return [str(ROOT / f) for f in files] if absolute else files

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_every_source_file_is_in_the_one_source_list():
     on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.suffix in {".cpp", ".cu"}}
-    assert on_disk == set(_build.CPU_SOURCES + _build.CUDA_SOURCES + _build.SIMT_RUNTIME_SOURCES)
+    assert on_disk == set(_build.CPU_SOURCES + _build.CPU_KERNEL_SOURCES + _build.CUDA_SOURCES + _build.SIMT_RUNTIME_SOURCES)
     assert not set(_build.SIMT_RUNTIME_SOURCES) & set(_build.sources(True)), "SIMT is tests only"
     setup_py = (ROOT / "setup.py").read_text()
     assert "_build.sources(" in setup_py and "csrc/" not in setup_py

@@ -19,7 +19,7 @@ from helpers import (
 # vector width, spatial sizes with and without vector tails, and sizes large
 # enough to be split into several parallel chunks, and channels-first shapes
 # for each of its CPU strategies (image walk for short rows, fused channel
-# blocks for long rows, chunks for large channels; see batch_norm_cpu.cpp),
+# blocks for long rows, chunks for large channels; see csrc/cpu/statistics.h),
 # and channels-last shapes whose channel pattern repeats within 1 to 4 vector
 # steps (C = 64, 12, 6, 4: the register-held short-period path), with and
 # without a partial period at the end and over several parallel chunks.

@@ -1,7 +1,9 @@
 // Vector helpers for the CPU kernels: load/store of scalar_t data as vectors
 // of the accumulation type (fp32 for half types), Welford accumulators and
-// Chan's merge.
+// Chan's merge. Per variant: in fastbn::cpu::CPU_CAPABILITY (see kernels.h).
 #pragma once
+
+#include "kernels.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
@@ -13,6 +15,7 @@
 #include <type_traits>
 
 namespace fastbn::cpu {
+inline namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
@@ -131,7 +134,7 @@ struct VecIO {
   }
   // Two float vectors to one vector of the half type, rounding to nearest even.
   static inline sVec narrow(const aVec (&v)[kVecs]) {
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#if defined(CPU_CAPABILITY_AVX512) && defined(FASTBN_HAVE_AVX512BF16)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       // One instruction instead of ATen's integer rounding sequence.
       return sVec((__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
@@ -145,37 +148,6 @@ struct VecIO {
     } else {
       at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p, n);
     }
-  }
-};
-
-// Running (count, mean, M2) of a set of values.
-template <typename acc_t>
-struct WelfordStat {
-  int64_t n = 0;
-  acc_t mean = 0;
-  acc_t m2 = 0;
-
-  inline void add(acc_t x) {
-    ++n;
-    const acc_t d = x - mean;
-    mean += d / static_cast<acc_t>(n);
-    m2 += d * (x - mean);
-  }
-  // Chan et al.'s parallel merge of two partial results.
-  inline void merge(const WelfordStat& o) {
-    if (o.n == 0) {
-      return;
-    }
-    if (n == 0) {
-      *this = o;
-      return;
-    }
-    const int64_t total = n + o.n;
-    const acc_t o_frac = static_cast<acc_t>(o.n) / static_cast<acc_t>(total);
-    const acc_t delta = o.mean - mean;
-    mean += delta * o_frac;
-    m2 += o.m2 + delta * delta * static_cast<acc_t>(n) * o_frac;
-    n = total;
   }
 };
 
@@ -383,4 +355,5 @@ inline int64_t channels_last_period(int64_t C, int64_t total) {
   return K * std::max<int64_t>(1, repeats);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace fastbn::cpu

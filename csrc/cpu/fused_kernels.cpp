@@ -1,0 +1,153 @@
+// The fused reduce-then-transform kernels of kernels.h (channels-first
+// tensors with long rows and small channels), compiled once per variant.
+#include "elementwise.h"
+#include "kernels.h"
+#include "statistics.h"
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace fastbn::cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+// Channels-first tensors with long rows (kShortRow values or more) and small
+// channels take the fused path: a task
+// takes a block of consecutive channels holding at most kFusedBlockBytes (of
+// the inputs read), reduces them and transforms them right away, while their
+// values are still in the core's cache, so the inputs are read from memory
+// once instead of twice. Both passes walk the block image by image, in memory
+// order. The blocks depend on the shape only, so results do not depend on the
+// thread count.
+constexpr int64_t kFusedBlockBytes = int64_t(1) << 20;
+
+struct ChannelBlocks {
+  int64_t count;  // tasks
+  int64_t size;   // channels per task (the last task may have fewer)
+};
+
+std::optional<ChannelBlocks> fused_channel_blocks(const Geometry& g, int64_t bytes_per_position) {
+  const int64_t channel_bytes = g.N * g.S * bytes_per_position;
+  if (g.channels_last() || g.S < kShortRow || channel_bytes > kFusedBlockBytes) {
+    return std::nullopt;
+  }
+  const int64_t max_size = std::max<int64_t>(1, kFusedBlockBytes / channel_bytes);
+  const int64_t count = (g.C + max_size - 1) / max_size;
+  const int64_t size = (g.C + count - 1) / count;  // balanced blocks
+  const int64_t blocks = (g.C + size - 1) / size;
+  // A single block runs on one thread: only worth it for small tensors.
+  if (blocks < 2 && g.C * channel_bytes > kChunkValues * bytes_per_position) {
+    return std::nullopt;
+  }
+  return ChannelBlocks{blocks, size};
+}
+
+template <typename scalar_t>
+bool train_fused(const Geometry& g, const scalar_t* x_ptr, scalar_t* y_ptr, const acc_type<scalar_t>* w,
+                 const acc_type<scalar_t>* b, double eps, acc_type<scalar_t>* mean,
+                 acc_type<scalar_t>* invstd, acc_type<scalar_t>* unbiased) {
+  using acc_t = acc_type<scalar_t>;
+  using aVec = Vectorized<acc_t>;
+  const auto blocks = fused_channel_blocks(g, sizeof(scalar_t));
+  if (!blocks) {
+    return false;
+  }
+  const int64_t C = g.C;
+  const int64_t n = g.reduce_size();
+  const scalar_t* in[1] = {x_ptr};
+  const bool stream = stream_output<scalar_t>(g);
+  parallel_items(blocks->count, blocks->size * n, [&](int64_t begin, int64_t end) {
+    std::vector<RowWelford<scalar_t>> accs;
+    std::vector<aVec> shifts;
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t c0 = block * blocks->size;
+      const int64_t c1 = std::min(C, c0 + blocks->size);
+      accs.assign(c1 - c0, RowWelford<scalar_t>(g.S));
+      shifts.clear();
+      for (int64_t c = c0; c < c1; ++c) {
+        shifts.emplace_back(static_cast<acc_t>(x_ptr[c * g.S]));
+      }
+      for (int64_t i = 0; i < g.N; ++i) {
+        for (int64_t c = c0; c < c1; ++c) {
+          accs[c - c0].add_row(x_ptr + (i * C + c) * g.S, shifts[c - c0]);
+        }
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        WelfordStat<acc_t> stat = accs[c - c0].result();
+        stat.mean += static_cast<acc_t>(x_ptr[c * g.S]);
+        finish_stats(&stat, 1, n, eps, &mean[c], &invstd[c], &unbiased[c]);
+      }
+      for (int64_t i = 0; i < g.N; ++i) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const acc_t values[3] = {mean[c], invstd[c] * w[c], b[c]};
+          map_row<scalar_t, 1, 3>(in, y_ptr, (i * C + c) * g.S, g.S, values, Normalize{}, stream);
+        }
+      }
+    }
+    stream_fence();
+  });
+  return true;
+}
+
+template <typename scalar_t>
+bool backward_fused(const Geometry& g, const scalar_t* dy_ptr, const scalar_t* x_ptr, scalar_t* dx_ptr,
+                    bool training, const acc_type<scalar_t>* mu, const acc_type<scalar_t>* inv,
+                    const acc_type<scalar_t>* w, acc_type<scalar_t>* sum_dy, acc_type<scalar_t>* sum_dy_xmu) {
+  using acc_t = acc_type<scalar_t>;
+  const auto blocks = fused_channel_blocks(g, 2 * sizeof(scalar_t));
+  if (!blocks) {
+    return false;
+  }
+  const int64_t C = g.C;
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(g.reduce_size());
+  const scalar_t* in_train[2] = {dy_ptr, x_ptr};
+  const scalar_t* in_eval[1] = {dy_ptr};
+  const bool stream = stream_output<scalar_t>(g);
+  parallel_items(blocks->count, 2 * blocks->size * g.reduce_size(), [&](int64_t begin, int64_t end) {
+    std::vector<GradSumsAcc<scalar_t>> accs;
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t c0 = block * blocks->size;
+      const int64_t c1 = std::min(C, c0 + blocks->size);
+      accs.clear();
+      for (int64_t c = c0; c < c1; ++c) {
+        accs.emplace_back(mu[c]);
+      }
+      for (int64_t i = 0; i < g.N; ++i) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t base = (i * C + c) * g.S;
+          accs[c - c0].add_row(dy_ptr + base, x_ptr + base, g.S);
+        }
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        std::tie(sum_dy[c], sum_dy_xmu[c]) = accs[c - c0].result();
+      }
+      if (dx_ptr == nullptr) {
+        continue;
+      }
+      for (int64_t i = 0; i < g.N; ++i) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t base = (i * C + c) * g.S;
+          const acc_t scale = inv[c] * w[c];
+          if (training) {
+            // The parameters of GradInputTrain (see kernels.h's GradInputTrainFn).
+            const acc_t p[4] = {mu[c], sum_dy[c] * inv_n, inv[c] * inv[c] * sum_dy_xmu[c] * inv_n, scale};
+            map_row<scalar_t, 2, 4>(in_train, dx_ptr, base, g.S, p, GradInputTrain{}, stream);
+          } else {
+            const acc_t p_eval[1] = {scale};
+            map_row<scalar_t, 1, 1>(in_eval, dx_ptr, base, g.S, p_eval, GradInputEval{}, stream);
+          }
+        }
+      }
+    }
+    stream_fence();
+  });
+  return true;
+}
+
+FASTBN_REGISTER_KERNEL(train_fused_kernel, train_fused);
+FASTBN_REGISTER_KERNEL(backward_fused_kernel, backward_fused);
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace fastbn::cpu
