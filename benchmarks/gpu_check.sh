@@ -10,7 +10,8 @@
 #      kernels per operator (torch.profiler), CUDA-graph capture and replay;
 #   4. the kernel benchmark: fastbn (auto and each forced path) beside torch
 #      (cuDNN), torch without cuDNN and torch.compile;
-#   5. the tutorial's training-step timings, if time is left.
+#   5. SyncBatchNorm over NCCL (tests and bench_sync at world size 1 on one GPU);
+#   6. the tutorial's training-step timings, if time is left.
 # Each step has a time limit, clipped to what is left of the overall budget.
 # The results folder ($OUT, default results/gpu) comes back from the device
 # machine whole: at most 8 files, no folder (pack_results): summary.txt, a few
@@ -104,6 +105,10 @@ main() {
       -k "cuda and not jit_build and not mnist and not bench_quick"
     run_step tests_two_pass 60 env FASTBN_CUDA_PATH=two_pass \
       python -m pytest tests/test_correctness.py -q -x -p no:cacheprovider -k cuda
+    # SyncBatchNorm over NCCL at world size 1 (and the multi-rank test where
+    # two or more GPUs exist; it skips otherwise).
+    run_step sync 60 python -m pytest tests/test_sync_batch_norm.py -q -x -p no:cacheprovider \
+      -k "nccl or cuda"
     wait
     grep -q "memcheck rc=0" "$WORK/steps.txt" || STATUS=1
     grep -q "racecheck rc=0" "$WORK/steps.txt" || STATUS=1
@@ -111,6 +116,7 @@ main() {
     run_step bench 120 python -m fastbn.bench --device cuda --quick --out "$WORK/bench" --no-progress \
       --no-plots --min-run-time 0.03 --dtypes fp32,bf16
     [ -f "$WORK/bench/summary.md" ] && cp "$WORK/bench/summary.md" "$WORK/bench_summary.md"
+    run_step bench_sync 30 python -m fastbn.bench_sync --device cuda
     run_step mnist 45 python -m fastbn.mnist --device cuda --skip-training --step-min-run-time 0.2 \
       --out "$WORK/mnist"
   fi
