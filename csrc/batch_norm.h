@@ -215,11 +215,12 @@ inline const Tensor* get_if_defined(const OptTensor& t) {
 
 // Checks of each operator's arguments, shared by the backends.
 
-// check_train_args and check_eval_args return the parameters' shared dtype.
-inline at::ScalarType check_train_args(
+// The input and the optional per-channel tensors of a training step (the
+// running statistics given together or not at all), without the batch-size
+// check; returns the parameters' shared dtype.
+inline at::ScalarType check_train_inputs(
     const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-    const OptTensor& running_mean, const OptTensor& running_var) {
-  constexpr const char* op = "fastbn.batch_norm (training)";
+    const OptTensor& running_mean, const OptTensor& running_var, const char* op) {
   check_input(input, op);
   const at::ScalarType param_type = check_params(
       input,
@@ -229,6 +230,15 @@ inline at::ScalarType check_train_args(
   TORCH_CHECK(
       (get_if_defined(running_mean) == nullptr) == (get_if_defined(running_var) == nullptr), op,
       ": running_mean and running_var must be given together or both be None");
+  return param_type;
+}
+
+// check_train_args and check_eval_args return the parameters' shared dtype.
+inline at::ScalarType check_train_args(
+    const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var) {
+  const at::ScalarType param_type = check_train_inputs(
+      input, weight, bias, running_mean, running_var, "fastbn.batch_norm (training)");
   check_train_batch(input);
   return param_type;
 }

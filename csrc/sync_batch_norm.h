@@ -27,16 +27,7 @@ void dispatch_param(const Tensor* param, const F& f) {
 inline void check_sync_stats_args(
     const Tensor& input, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var) {
-  constexpr const char* op = "fastbn.SyncBatchNorm (statistics)";
-  check_input(input, op);
-  check_params(
-      input,
-      {{"weight", &weight}, {"bias", &bias}, {"running_mean", &running_mean},
-       {"running_var", &running_var}},
-      op);
-  TORCH_CHECK(
-      (get_if_defined(running_mean) == nullptr) == (get_if_defined(running_var) == nullptr), op,
-      ": running_mean and running_var must be given together or both be None");
+  check_train_inputs(input, weight, bias, running_mean, running_var, "fastbn.SyncBatchNorm (statistics)");
 }
 
 // Returns the number of channels.
