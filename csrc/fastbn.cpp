@@ -4,6 +4,7 @@
 // in fastbn/ops.py.
 #include "op_handles.h"
 #include "schemas.h"
+#include "cpu/kernels.h"
 #include "cpu/output_pool.h"
 
 #include <torch/extension.h>
@@ -40,4 +41,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return std::make_pair(pool.cached_bytes(), pool.limit_bytes());
       },
       "(cached bytes, limit bytes) of the CPU output pool.");
+  m.def(
+      "cpu_isa",
+      [] {
+        std::vector<std::string> built;
+        for (int i = 0; i < fastbn::cpu::kCpuIsaCount; ++i) {
+          const auto isa = static_cast<fastbn::cpu::CpuIsa>(i);
+          if (fastbn::cpu::isa_built(isa)) {
+            built.emplace_back(fastbn::cpu::isa_name(isa));
+          }
+        }
+        return std::make_pair(std::string(fastbn::cpu::isa_name(fastbn::cpu::active_isa())), built);
+      },
+      "(the CPU kernel variant in use, the variants built).");
+  m.def(
+      "cpu_caches",
+      [] {
+        const auto& caches = fastbn::cpu::machine_cache_sizes();
+        return std::make_tuple(caches.l2_per_core, caches.llc, fastbn::cpu::active_stream_min_bytes());
+      },
+      "(L2 bytes per core, last-level cache bytes, streaming threshold in bytes moved per pass now).");
+  m.def(
+      "stream_min_bytes",
+      [](int64_t l2_per_core, int64_t llc, int64_t threads) {
+        return fastbn::cpu::stream_min_bytes(fastbn::cpu::CacheSizes{l2_per_core, llc}, threads);
+      },
+      "The streaming rule for the given cache sizes and thread count (tests).");
 }

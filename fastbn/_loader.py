@@ -68,12 +68,18 @@ def _has_kernel(key: str) -> bool:
 
 
 def build_info() -> dict:
-    """Which backends are compiled in and how the extension was loaded."""
+    """Which backends are compiled in, how the extension was loaded, and which
+    variant of the CPU kernels runs (cpu_isa: the best of cpu_isa_built that
+    this CPU runs, capped by FASTBN_CPU_ISA)."""
+    module = load()["module"]
+    cpu_isa, cpu_isa_built = module.cpu_isa()
     return {
         "loaded": _info.get("loaded"),
         "library": _info.get("library"),
         "backends": [key for key in ("CPU", "CUDA") if _has_kernel(key)],
-        "cpu_isa": _build.cpu_isa(),
+        "cpu_isa": cpu_isa,
+        "cpu_isa_built": list(cpu_isa_built),
+        "cpu_caches": dict(zip(("l2_per_core_bytes", "llc_bytes", "stream_min_bytes"), module.cpu_caches())),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),

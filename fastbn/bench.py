@@ -81,9 +81,19 @@ def resnet_shapes(batch: int) -> list[tuple[str, tuple[int, ...]]]:
 BN1D_SHAPES = [("bn1d", (8192, 1024)), ("bn1d", (65536, 256))]
 
 
+def cache_shapes() -> list[tuple[str, tuple[int, ...]]]:
+    """Tensors of 1 to 64 MiB in float32 (half that in bfloat16), where the
+    cache effects change: from within a core's L2 share, through fitting the
+    last-level cache of a small machine (32 MiB), to well past it."""
+    shapes = [(16, 64, 16, 16), (32, 64, 16, 16), (16, 64, 32, 32), (32, 96, 24, 24), (32, 64, 32, 32),
+              (32, 128, 32, 32), (64, 128, 32, 32), (64, 64, 64, 64)]
+    return [(f"cache {math.prod(s) * 4 / 2**20:.3g}MiB", s) for s in shapes]
+
+
 def default_shapes(device: str) -> list[tuple[str, tuple[int, ...]]]:
     resnet_batch = 64 if device == "cuda" else 32
-    return tutorial_shapes(64) + tutorial_shapes(1024) + resnet_shapes(resnet_batch) + BN1D_SHAPES
+    shapes = tutorial_shapes(64) + tutorial_shapes(1024) + resnet_shapes(resnet_batch) + BN1D_SHAPES
+    return shapes + cache_shapes() if device == "cpu" else shapes
 
 
 def quick_shapes(device: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -350,8 +360,30 @@ def summarize(cases: list[Case], metrics: list[dict]) -> dict:
             "cases": len(rows),
             "geomean_speedup": {k: geomean(r["speedup"][k] for r in rows) for k in rows[0]["speedup"]},
             "worst_ratio_vs_best_torch": max(r["ratio_vs_best_torch"] for r in rows),
+            **layout_summary([c for c in cases if c.mode == mode]),
         }
     return out
+
+
+def layout_summary(cases: list[Case]) -> dict:
+    """For tensors timed in both formats: the worst ratio of fastbn's
+    channels_last time to its NCHW time, and of its channels_last time to the
+    faster of torch's two formats (below 1: fastbn is faster)."""
+    pairs: dict[tuple, dict[str, Case]] = {}
+    for c in cases:
+        pairs.setdefault((c.label, c.shape, c.dtype), {})[c.fmt] = c
+    both = [p for p in pairs.values() if {"nchw", "channels_last"} <= set(p)]
+    if not both:
+        return {}
+    return {
+        "format_pairs": len(both),
+        "worst_channels_last_over_nchw": max(p["channels_last"].times_us["fastbn"] / p["nchw"].times_us["fastbn"]
+                                             for p in both),
+        "worst_channels_last_vs_torch_best_format": max(
+            p["channels_last"].times_us["fastbn"] / min(p[f].times_us[n] for f in p for n in p[f].times_us
+                                                        if n != "fastbn")
+            for p in both),
+    }
 
 
 def format_table(cases: list[Case], metrics: list[dict], names: list[str]) -> str:
@@ -381,6 +413,10 @@ def worst_ratio_label(names: list[str]) -> str:
     return f"worst time ratio fastbn/{versus} (below 1 = faster)"
 
 
+LAYOUT_LABEL = "worst fastbn channels_last/NCHW time"
+LAYOUT_TORCH_LABEL = "worst fastbn channels_last/torch best format time"
+
+
 def markdown_summary(env: dict, cases: list[Case], metrics: list[dict], summary: dict, names: list[str]) -> str:
     lines = [
         f"# fastbn kernel benchmark ({env['device']})",
@@ -402,6 +438,11 @@ def markdown_summary(env: dict, cases: list[Case], metrics: list[dict], summary:
             + " | ".join(f"{s['geomean_speedup'][n]:.2f}x" for n in names if n != "fastbn")
             + f" | {s['worst_ratio_vs_best_torch']:.2f} |"
         )
+    layouts = {mode: s for mode, s in summary.items() if "format_pairs" in s}
+    if layouts:
+        lines += ["", f"| mode | tensors in both formats | {LAYOUT_LABEL} | {LAYOUT_TORCH_LABEL} |", "|---|---|---|---|"]
+        lines += [f"| {mode} | {s['format_pairs']} | {s['worst_channels_last_over_nchw']:.2f} | "
+                  f"{s['worst_channels_last_vs_torch_best_format']:.2f} |" for mode, s in layouts.items()]
     lines += [
         "",
         "| case | shape | " + " | ".join(f"{n} us" for n in names) + " | "
@@ -477,6 +518,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda when a GPU is present, else cpu")
     parser.add_argument("--quick", action="store_true", help="a small subset, for smoke tests")
+    parser.add_argument("--suite", choices=["default", "cache"], default="default",
+                        help="cache: only the CPU suite's 1-64 MiB tensors (cache_shapes), in both formats")
     parser.add_argument("--shape", dest="shapes", type=parse_shape, action="append",
                         help="a shape such as 64x256x56x56 (repeatable); default: the suite")
     parser.add_argument("--dtypes", default=None, help="comma list of fp32,fp16,bf16,fp64 "
@@ -510,6 +553,8 @@ def run(args) -> dict:
     if args.quick:
         shapes = args.shapes or quick_shapes(device)
         dtypes = dtypes if args.dtypes else ["fp32", "bf16"]
+    elif args.suite == "cache":
+        shapes = args.shapes or cache_shapes()
     else:
         shapes = args.shapes or default_shapes(device)
     min_run_time = args.min_run_time or (0.05 if args.quick else 0.25)
@@ -555,13 +600,16 @@ def run(args) -> dict:
     summary = summarize(cases, metrics)
 
     table = format_table(cases, metrics, names)
-    print(f"\n{env['device_name']} ({env['cpu_model']}), threads {env['threads']}, torch {env['torch']}, "
-          f"copy bandwidth {copy_bw / 1e9:.1f} GB/s")
+    print(f"\n{env['device_name']} ({env['cpu_model']}; caches {caches_text(env)}), threads {env['threads']}, "
+          f"torch {env['torch']}, copy bandwidth {copy_bw / 1e9:.1f} GB/s")
     print(table)
     for mode, s in summary.items():
         speedups = ", ".join(f"{k} {v:.2f}x" for k, v in s["geomean_speedup"].items())
         print(f"{mode}: geomean speedup of fastbn over {speedups}; "
               f"{worst_ratio_label(names)}: {s['worst_ratio_vs_best_torch']:.2f}")
+        if "format_pairs" in s:
+            print(f"{mode}: {LAYOUT_LABEL} {s['worst_channels_last_over_nchw']:.2f}, "
+                  f"{LAYOUT_TORCH_LABEL} {s['worst_channels_last_vs_torch_best_format']:.2f}")
 
     result = {
         "environment": env,

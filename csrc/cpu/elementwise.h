@@ -77,16 +77,12 @@ inline void map_run(
   }
 }
 
-// Outputs of at least this many bytes per thread are written with streaming
-// stores: with the input beside them they overflow a core's L2 (2 MiB on the
-// machines measured), so keeping them cached only evicts the input. Hence per
-// thread: fp32 64x6x28x28 eval (1.2 MB out) took 89 us streamed against 108
-// plain on one thread, but 53 against 44 on two.
-constexpr int64_t kStreamMinBytesPerThread = int64_t(1) << 20;
-
+// Whether a pass over g that reads `inputs` tensors and writes one writes
+// with streaming stores: decided from the machine's caches (stream_pass, see
+// streaming.cpp).
 template <typename scalar_t>
-bool stream_output(const Geometry& g) {
-  return g.numel() * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamMinBytesPerThread * at::get_num_threads();
+bool stream_output(const Geometry& g, int inputs = 1) {
+  return stream_pass((inputs + 1) * g.numel() * static_cast<int64_t>(sizeof(scalar_t)));
 }
 
 // map_run over one channels-first row, whose parameters are the same for all
@@ -336,7 +332,7 @@ void channel_map(
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
 
-  const bool stream = stream_output<scalar_t>(g);
+  const bool stream = stream_output<scalar_t>(g, kIn);
   // The channel pattern repeats every `pattern` values: every row of C in
   // channels-last, every image of C * S in channels-first. Small images are
   // walked like channels-last periods (per-position parameters, full vectors

@@ -103,7 +103,7 @@ bool backward_fused(const Geometry& g, const scalar_t* dy_ptr, const scalar_t* x
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(g.reduce_size());
   const scalar_t* in_train[2] = {dy_ptr, x_ptr};
   const scalar_t* in_eval[1] = {dy_ptr};
-  const bool stream = stream_output<scalar_t>(g);
+  const bool stream = stream_output<scalar_t>(g, training ? 2 : 1);
   parallel_items(blocks->count, 2 * blocks->size * g.reduce_size(), [&](int64_t begin, int64_t end) {
     std::vector<GradSumsAcc<scalar_t>> accs;
     for (int64_t block = begin; block < end; ++block) {

@@ -71,6 +71,26 @@ constexpr int kCpuIsaCount = 2;
 CpuIsa active_isa();
 // Its name as FASTBN_CPU_ISA and fastbn.build_info() spell it.
 const char* isa_name(CpuIsa isa);
+// Whether the kernels were compiled for `isa`.
+bool isa_built(CpuIsa isa);
+// Cache sizes in bytes (0: unknown): L2 per core, and the last level (shared).
+struct CacheSizes {
+  int64_t l2_per_core = 0;
+  int64_t llc = 0;
+};
+// This machine's, queried once (Linux sysfs, else the C library's cpuid answer).
+const CacheSizes& machine_cache_sizes();
+// The rule (see streaming.cpp): an elementwise pass that moves at least this
+// many bytes (inputs read + output written) on `threads` threads writes its
+// output with streaming stores.
+int64_t stream_min_bytes(const CacheSizes& caches, int64_t threads);
+// The threshold in use: FASTBN_CPU_STREAM_MIN_MB if set, else the rule for
+// this machine at the current thread count.
+int64_t active_stream_min_bytes();
+// Whether a pass moving `bytes_moved` bytes streams its output.
+bool stream_pass(int64_t bytes_moved);
+// Whether the CPU has AVX512_BF16 (the AVX-512 variant uses it only then).
+extern const bool cpu_has_avx512_bf16;
 
 template <template <typename> class Fn>
 struct KernelStub {

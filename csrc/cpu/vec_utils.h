@@ -136,8 +136,11 @@ struct VecIO {
   static inline sVec narrow(const aVec (&v)[kVecs]) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(FASTBN_HAVE_AVX512BF16)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      // One instruction instead of ATen's integer rounding sequence.
-      return sVec((__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+      // One instruction instead of ATen's integer rounding sequence, on the
+      // CPUs that have it (the variant also runs on AVX-512 CPUs without).
+      if (cpu_has_avx512_bf16) {
+        return sVec((__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+      }
     }
 #endif
     return at::vec::convert_from_float<scalar_t>(v[0], v[1]);
