@@ -20,7 +20,6 @@ CPU_SOURCES = [
     "csrc/autograd.cpp",
     "csrc/legacy_batching.cpp",
     "csrc/cpu/batch_norm_cpu.cpp",
-    "csrc/cpu/batch_norm_act_cpu.cpp",
     "csrc/cpu/cpu_isa.cpp",
     "csrc/cpu/streaming.cpp",
     "csrc/cpu/output_pool.cpp",

@@ -13,6 +13,7 @@ from torch.library import opcheck
 import fastbn
 import fastbn.models
 from helpers import FLOAT_DTYPES, assert_close_to_reference, channel_params, make_input, poison_allocator
+from test_correctness import SHAPES as CORRECTNESS_SHAPES
 
 SHAPES = [(16, 17), (3, 5, 7), (4, 6, 5, 5), (3, 64, 5, 7), (2, 3, 4, 5, 6)]
 FORMATS = ["contiguous", "channels_last", "strided"]
@@ -62,6 +63,21 @@ def run_fused_and_unfused(x, residual, params, training, relu, momentum=0.1, eps
     return results
 
 
+def assert_fused_equals_unfused(fused, unfused_results):
+    """run_fused_and_unfused's two results agree to 1e-12: output (and its
+    strides), every gradient, the running statistics."""
+    (y, grads, rm, rv), (y_ref, grads_ref, rm_ref, rv_ref) = fused, unfused_results
+    torch.testing.assert_close(y, y_ref, **EXACT)
+    assert y.stride() == y_ref.stride()
+    for name, g, g_ref in zip(("input", "residual", "weight", "bias"), grads, grads_ref):
+        if g_ref is None:
+            assert g is None, name
+        else:
+            torch.testing.assert_close(g, g_ref, **EXACT, msg=lambda m: f"grad {name}: {m}")
+    torch.testing.assert_close(rm, rm_ref, **EXACT)
+    torch.testing.assert_close(rv, rv_ref, **EXACT)
+
+
 @pytest.mark.parametrize("case", cases(), ids=case_id)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no_residual"])
@@ -72,17 +88,81 @@ def test_float64_equals_unfused_composition(device, case, training, with_residua
     residual = make_input(shape, torch.float64, device, fmt) if with_residual else None
     params = channel_params(shape[1], torch.float64, device)
     for relu in (True, False):
-        (y, grads, rm, rv), (y_ref, grads_ref, rm_ref, rv_ref) = run_fused_and_unfused(
-            x, residual, params, training, relu)
-        torch.testing.assert_close(y, y_ref, **EXACT)
-        assert y.stride() == y_ref.stride()
-        for name, g, g_ref in zip(("input", "residual", "weight", "bias"), grads, grads_ref):
-            if g_ref is None:
-                assert g is None, name
+        assert_fused_equals_unfused(*run_fused_and_unfused(x, residual, params, training, relu))
+
+
+# The plain batch norm's path-covering shapes (see test_correctness.SHAPES):
+# the fused operators run on the same CPU kernels (image walks, fused channel
+# blocks, chunks, channels-last short periods and partial periods).
+PATH_CASES = [(s, f) for dim in (3, 4, 5) for s in CORRECTNESS_SHAPES[dim]
+              for f in ("contiguous", "channels_last") if f != "channels_last" or dim >= 4]
+
+
+@pytest.mark.parametrize("case", PATH_CASES, ids=case_id)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_every_kernel_path_float64(device, case, training):
+    """BN+ReLU and BN+add+ReLU on every shape of the plain operators' path
+    list, float64, against torch's composition."""
+    shape, fmt = case
+    poison_allocator(device, 1 << 20)
+    x = make_input(shape, torch.float64, device, fmt, offset=0.3)
+    residual = make_input(shape, torch.float64, device, fmt)
+    params = channel_params(shape[1], torch.float64, device)
+    for r in (None, residual):
+        assert_fused_equals_unfused(*run_fused_and_unfused(x, r, params, training, True))
+
+
+@pytest.mark.parametrize("wanted", ["input", "residual", "weight", "input+residual", "residual+bias"])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradient_subsets(device, wanted, fmt, training):
+    """Only some gradients asked for (the backward's output mask): each one
+    equals the composition's, whichever passes the mask leaves out."""
+    for shape in ((3, 5, 24, 24), (4, 3, 40, 40)):  # image walk, fused channel blocks
+        x = make_input(shape, torch.float64, device, fmt)
+        residual = make_input(shape, torch.float64, device, fmt)
+        weight, bias, rm, rv = channel_params(shape[1], torch.float64, device)
+        grad_out = torch.randn_like(x)
+        results = []
+        for fused in (True, False):
+            xi, ri, wi, bi = leaves(x, residual, weight, bias)
+            named = {"input": xi, "residual": ri, "weight": wi, "bias": bi}
+            if fused:
+                y = fastbn.batch_norm_act(xi, rm.clone(), rv.clone(), wi, bi, training, residual=ri)
             else:
-                torch.testing.assert_close(g, g_ref, **EXACT, msg=lambda m: f"grad {name}: {m}")
-        torch.testing.assert_close(rm, rm_ref, **EXACT)
-        torch.testing.assert_close(rv, rv_ref, **EXACT)
+                y = unfused(xi, ri, wi, bi, rm.clone(), rv.clone(), training, 0.1, 1e-5, True)
+            results.append(torch.autograd.grad(y, [named[n] for n in wanted.split("+")], grad_out))
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, **EXACT)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("case", [c for c in PATH_CASES if len(c[0]) == 4], ids=case_id)
+def test_every_kernel_path_dtypes(device, dtype, case):
+    """Training BN+add+ReLU in every dtype on the 4-d path shapes against
+    a float64 reference on the same values. The reference's ReLU mask is the
+    tested output's (y > 0): where the pre-activation is within rounding of 0
+    the two precisions may disagree on its sign, and on a million values
+    that happens."""
+    shape, fmt = case
+    x = make_input(shape, dtype, device, fmt, offset=0.3)
+    residual = make_input(shape, dtype, device, fmt)
+    weight, bias, rm, rv = channel_params(shape[1], torch.float64, device)
+    grad_out = torch.randn(shape, dtype=torch.float64, device=device).to(dtype)
+    xi, ri, wi, bi = leaves(x, residual, weight.to(dtype), bias.to(dtype))
+    y = fastbn.batch_norm_act(xi, rm.to(dtype), rv.to(dtype), wi, bi, True, residual=ri)
+    grads = torch.autograd.grad(y, [xi, ri, wi, bi], grad_out)
+
+    xr, wr, br = leaves(x.double(), weight, bias)
+    pre = F.batch_norm(xr, rm.clone(), rv.clone(), wr, br, True) + residual.double()
+    masked = grad_out.double() * (y > 0)
+    grads_ref = (*torch.autograd.grad(pre, [xr, wr, br], masked), masked)
+    assert y.dtype == dtype
+    assert_close_to_reference(y, torch.relu(pre), dtype, f"output {shape} {fmt} {dtype}")
+    for name, got, expected in zip(("input", "weight", "bias", "residual"),
+                                   (grads[0], grads[2], grads[3], grads[1]), grads_ref):
+        assert got.dtype == dtype
+        assert_close_to_reference(got, expected, dtype, f"grad {name} {shape} {fmt} {dtype}")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

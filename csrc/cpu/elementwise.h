@@ -391,20 +391,56 @@ struct Normalize {
   }
 };
 
-// Training: dx = (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean))) * invstd * w
-// inputs {dy, x}; params {mean, mean(dy), invstd^2 * mean(dy * (x - mean)), invstd * w}.
-struct GradInputTrain {
+// The fused forward: y = act((x - mean) * scale + bias [+ residual]);
+// inputs {x[, residual]} (kIn = 2 with the residual); params as Normalize.
+template <int kIn, bool kRelu>
+struct NormalizeAct {
   template <typename V>
-  V operator()(const V (&v)[2], const V (&p)[4]) const {
-    return (v[0] - at::vec::fmadd(v[1] - p[0], p[2], p[1])) * p[3];
+  V operator()(const V (&v)[kIn], const V (&p)[3]) const {
+    V y = at::vec::fmadd(v[0] - p[0], p[1], p[2]);
+    if constexpr (kIn == 2) {
+      y = y + v[1];
+    }
+    if constexpr (kRelu) {
+      y = at::vec::clamp_min(y, V(0));
+    }
+    return y;
   }
 };
 
-// Evaluation: dx = dy * invstd * w; inputs {dy}; params {invstd * w}.
-struct GradInputEval {
+// The backward's d from its first inputs: dy, or with kMasked {dy, y} and
+// d = dy where y > 0 (see masked_grad in statistics.h).
+template <bool kMasked>
+struct GradFrom {
+  static constexpr int kIn = kMasked ? 2 : 1;
+  template <typename V, int N>
+  static V d(const V (&v)[N]) {
+    if constexpr (kMasked) {
+      return V::blendv(v[0], V(0), v[1] <= V(0));
+    } else {
+      return v[0];
+    }
+  }
+};
+
+// Training: dx = (d - mean(d) - (x - mean) * invstd^2 * mean(d * (x - mean))) * invstd * w
+// inputs {d's inputs (GradFrom), x}; params {mean, mean(d), invstd^2 * mean(d * (x - mean)), invstd * w}.
+template <bool kMasked = false>
+struct GradInputTrain {
+  static constexpr int kIn = GradFrom<kMasked>::kIn + 1;
   template <typename V>
-  V operator()(const V (&v)[1], const V (&p)[1]) const {
-    return v[0] * p[0];
+  V operator()(const V (&v)[kIn], const V (&p)[4]) const {
+    return (GradFrom<kMasked>::d(v) - at::vec::fmadd(v[kIn - 1] - p[0], p[2], p[1])) * p[3];
+  }
+};
+
+// Evaluation: dx = d * invstd * w; inputs {d's inputs}; params {invstd * w}.
+template <bool kMasked = false>
+struct GradInputEval {
+  static constexpr int kIn = GradFrom<kMasked>::kIn;
+  template <typename V>
+  V operator()(const V (&v)[kIn], const V (&p)[1]) const {
+    return GradFrom<kMasked>::d(v) * p[0];
   }
 };
 

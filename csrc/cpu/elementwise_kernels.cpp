@@ -7,27 +7,48 @@ inline namespace CPU_CAPABILITY {
 namespace {
 
 template <typename scalar_t>
-void normalize(const Geometry& g, const scalar_t* x, scalar_t* y, const acc_type<scalar_t>* mean,
-               const acc_type<scalar_t>* scale, const acc_type<scalar_t>* bias) {
-  const scalar_t* in[1] = {x};
+void normalize(const Geometry& g, const scalar_t* x, const scalar_t* residual, scalar_t* y, Epilogue epilogue,
+               const acc_type<scalar_t>* mean, const acc_type<scalar_t>* scale, const acc_type<scalar_t>* bias) {
   const acc_type<scalar_t>* prm[3] = {mean, scale, bias};
-  channel_map<scalar_t, 1, 3>(g, in, y, prm, Normalize{});
+  dispatch_bool(epilogue.relu, [&](auto relu) {
+    constexpr bool kRelu = decltype(relu)::value;
+    if (residual != nullptr) {
+      const scalar_t* in[2] = {x, residual};
+      channel_map<scalar_t, 2, 3>(g, in, y, prm, NormalizeAct<2, kRelu>{});
+    } else if (kRelu) {
+      const scalar_t* in[1] = {x};
+      channel_map<scalar_t, 1, 3>(g, in, y, prm, NormalizeAct<1, true>{});
+    } else {
+      const scalar_t* in[1] = {x};
+      channel_map<scalar_t, 1, 3>(g, in, y, prm, Normalize{});
+    }
+  });
 }
 
 template <typename scalar_t>
-void grad_input_train(const Geometry& g, const scalar_t* dy, const scalar_t* x, scalar_t* dx,
+void grad_input_train(const Geometry& g, const GradInput<scalar_t>& d, const scalar_t* x, scalar_t* dx,
                       const acc_type<scalar_t>* mean, const acc_type<scalar_t>* mean_dy,
                       const acc_type<scalar_t>* xmu_coef, const acc_type<scalar_t>* scale) {
-  const scalar_t* in[2] = {dy, x};
   const acc_type<scalar_t>* prm[4] = {mean, mean_dy, xmu_coef, scale};
-  channel_map<scalar_t, 2, 4>(g, in, dx, prm, GradInputTrain{});
+  if (d.y != nullptr) {
+    const scalar_t* in[3] = {d.dy, d.y, x};
+    channel_map<scalar_t, 3, 4>(g, in, dx, prm, GradInputTrain<true>{});
+  } else {
+    const scalar_t* in[2] = {d.dy, x};
+    channel_map<scalar_t, 2, 4>(g, in, dx, prm, GradInputTrain<false>{});
+  }
 }
 
 template <typename scalar_t>
-void grad_input_eval(const Geometry& g, const scalar_t* dy, scalar_t* dx, const acc_type<scalar_t>* scale) {
-  const scalar_t* in[1] = {dy};
+void grad_input_eval(const Geometry& g, const GradInput<scalar_t>& d, scalar_t* dx, const acc_type<scalar_t>* scale) {
   const acc_type<scalar_t>* prm[1] = {scale};
-  channel_map<scalar_t, 1, 1>(g, in, dx, prm, GradInputEval{});
+  if (d.y != nullptr) {
+    const scalar_t* in[2] = {d.dy, d.y};
+    channel_map<scalar_t, 2, 1>(g, in, dx, prm, GradInputEval<true>{});
+  } else {
+    const scalar_t* in[1] = {d.dy};
+    channel_map<scalar_t, 1, 1>(g, in, dx, prm, GradInputEval<false>{});
+  }
 }
 
 FASTBN_REGISTER_KERNEL(normalize_kernel, normalize);

@@ -44,9 +44,9 @@ std::optional<ChannelBlocks> fused_channel_blocks(const Geometry& g, int64_t byt
 }
 
 template <typename scalar_t>
-bool train_fused(const Geometry& g, const scalar_t* x_ptr, scalar_t* y_ptr, const acc_type<scalar_t>* w,
-                 const acc_type<scalar_t>* b, double eps, acc_type<scalar_t>* mean,
-                 acc_type<scalar_t>* invstd, acc_type<scalar_t>* unbiased) {
+bool train_fused(const Geometry& g, const scalar_t* x_ptr, const scalar_t* residual, scalar_t* y_ptr,
+                 Epilogue epilogue, const acc_type<scalar_t>* w, const acc_type<scalar_t>* b, double eps,
+                 acc_type<scalar_t>* mean, acc_type<scalar_t>* invstd, acc_type<scalar_t>* unbiased) {
   using acc_t = acc_type<scalar_t>;
   using aVec = Vectorized<acc_t>;
   const auto blocks = fused_channel_blocks(g, sizeof(scalar_t));
@@ -55,8 +55,22 @@ bool train_fused(const Geometry& g, const scalar_t* x_ptr, scalar_t* y_ptr, cons
   }
   const int64_t C = g.C;
   const int64_t n = g.reduce_size();
-  const scalar_t* in[1] = {x_ptr};
-  const bool stream = stream_output<scalar_t>(g);
+  const bool stream = stream_output<scalar_t>(g, residual != nullptr ? 2 : 1);
+  // The output of the rows of channel c in image i, once its statistics are known.
+  const auto normalize_row = [&](int64_t i, int64_t c) {
+    const acc_t values[3] = {mean[c], invstd[c] * w[c], b[c]};
+    const int64_t base = (i * C + c) * g.S;
+    dispatch_bool(epilogue.relu, [&](auto relu) {
+      constexpr bool kRelu = decltype(relu)::value;
+      if (residual != nullptr) {
+        const scalar_t* in[2] = {x_ptr, residual};
+        map_row<scalar_t, 2, 3>(in, y_ptr, base, g.S, values, NormalizeAct<2, kRelu>{}, stream);
+      } else {
+        const scalar_t* in[1] = {x_ptr};
+        map_row<scalar_t, 1, 3>(in, y_ptr, base, g.S, values, NormalizeAct<1, kRelu>{}, stream);
+      }
+    });
+  };
   parallel_items(blocks->count, blocks->size * n, [&](int64_t begin, int64_t end) {
     std::vector<RowWelford<scalar_t>> accs;
     std::vector<aVec> shifts;
@@ -80,8 +94,7 @@ bool train_fused(const Geometry& g, const scalar_t* x_ptr, scalar_t* y_ptr, cons
       }
       for (int64_t i = 0; i < g.N; ++i) {
         for (int64_t c = c0; c < c1; ++c) {
-          const acc_t values[3] = {mean[c], invstd[c] * w[c], b[c]};
-          map_row<scalar_t, 1, 3>(in, y_ptr, (i * C + c) * g.S, g.S, values, Normalize{}, stream);
+          normalize_row(i, c);
         }
       }
     }
@@ -90,57 +103,86 @@ bool train_fused(const Geometry& g, const scalar_t* x_ptr, scalar_t* y_ptr, cons
   return true;
 }
 
-template <typename scalar_t>
-bool backward_fused(const Geometry& g, const scalar_t* dy_ptr, const scalar_t* x_ptr, scalar_t* dx_ptr,
+// The backward of one block of channels: the sums of its rows, then their
+// grad_input right away, while the rows are in cache.
+template <typename scalar_t, bool kMasked, bool kWrite>
+void backward_block(const Geometry& g, const GradInput<scalar_t>& d, const scalar_t* x_ptr, scalar_t* dx_ptr,
                     bool training, const acc_type<scalar_t>* mu, const acc_type<scalar_t>* inv,
-                    const acc_type<scalar_t>* w, acc_type<scalar_t>* sum_dy, acc_type<scalar_t>* sum_dy_xmu) {
+                    const acc_type<scalar_t>* w, acc_type<scalar_t>* sum_dy, acc_type<scalar_t>* sum_dy_xmu,
+                    int64_t c0, int64_t c1, bool stream,
+                    std::vector<GradSumsAcc<scalar_t, kMasked, kWrite>>& accs) {
   using acc_t = acc_type<scalar_t>;
-  const auto blocks = fused_channel_blocks(g, 2 * sizeof(scalar_t));
-  if (!blocks) {
-    return false;
-  }
   const int64_t C = g.C;
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(g.reduce_size());
-  const scalar_t* in_train[2] = {dy_ptr, x_ptr};
-  const scalar_t* in_eval[1] = {dy_ptr};
-  const bool stream = stream_output<scalar_t>(g, training ? 2 : 1);
-  parallel_items(blocks->count, 2 * blocks->size * g.reduce_size(), [&](int64_t begin, int64_t end) {
-    std::vector<GradSumsAcc<scalar_t>> accs;
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t c0 = block * blocks->size;
-      const int64_t c1 = std::min(C, c0 + blocks->size);
-      accs.clear();
-      for (int64_t c = c0; c < c1; ++c) {
-        accs.emplace_back(mu[c]);
-      }
-      for (int64_t i = 0; i < g.N; ++i) {
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t base = (i * C + c) * g.S;
-          accs[c - c0].add_row(dy_ptr + base, x_ptr + base, g.S);
+  accs.clear();
+  for (int64_t c = c0; c < c1; ++c) {
+    accs.emplace_back(mu[c]);
+  }
+  for (int64_t i = 0; i < g.N; ++i) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t base = (i * C + c) * g.S;
+      accs[c - c0].add_row(d.dy + base, offset_if<kMasked>(d.y, base), x_ptr + base,
+                           offset_if<kWrite>(d.d_out, base), g.S, stream);
+    }
+  }
+  for (int64_t c = c0; c < c1; ++c) {
+    std::tie(sum_dy[c], sum_dy_xmu[c]) = accs[c - c0].result();
+  }
+  if (dx_ptr == nullptr) {
+    return;
+  }
+  // With d written, grad_input reads it back (one input instead of dy and y).
+  constexpr bool kMaskedInput = kMasked && !kWrite;
+  const scalar_t* d_in = kWrite ? d.d_out : d.dy;
+  for (int64_t i = 0; i < g.N; ++i) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t base = (i * C + c) * g.S;
+      const acc_t scale = inv[c] * w[c];
+      if (training) {
+        // The parameters of GradInputTrain (see kernels.h's GradInputTrainFn).
+        const acc_t p[4] = {mu[c], sum_dy[c] * inv_n, inv[c] * inv[c] * sum_dy_xmu[c] * inv_n, scale};
+        if constexpr (kMaskedInput) {
+          const scalar_t* in[3] = {d_in, d.y, x_ptr};
+          map_row<scalar_t, 3, 4>(in, dx_ptr, base, g.S, p, GradInputTrain<true>{}, stream);
+        } else {
+          const scalar_t* in[2] = {d_in, x_ptr};
+          map_row<scalar_t, 2, 4>(in, dx_ptr, base, g.S, p, GradInputTrain<false>{}, stream);
         }
-      }
-      for (int64_t c = c0; c < c1; ++c) {
-        std::tie(sum_dy[c], sum_dy_xmu[c]) = accs[c - c0].result();
-      }
-      if (dx_ptr == nullptr) {
-        continue;
-      }
-      for (int64_t i = 0; i < g.N; ++i) {
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t base = (i * C + c) * g.S;
-          const acc_t scale = inv[c] * w[c];
-          if (training) {
-            // The parameters of GradInputTrain (see kernels.h's GradInputTrainFn).
-            const acc_t p[4] = {mu[c], sum_dy[c] * inv_n, inv[c] * inv[c] * sum_dy_xmu[c] * inv_n, scale};
-            map_row<scalar_t, 2, 4>(in_train, dx_ptr, base, g.S, p, GradInputTrain{}, stream);
-          } else {
-            const acc_t p_eval[1] = {scale};
-            map_row<scalar_t, 1, 1>(in_eval, dx_ptr, base, g.S, p_eval, GradInputEval{}, stream);
-          }
+      } else {
+        const acc_t p_eval[1] = {scale};
+        if constexpr (kMaskedInput) {
+          const scalar_t* in[2] = {d_in, d.y};
+          map_row<scalar_t, 2, 1>(in, dx_ptr, base, g.S, p_eval, GradInputEval<true>{}, stream);
+        } else {
+          const scalar_t* in[1] = {d_in};
+          map_row<scalar_t, 1, 1>(in, dx_ptr, base, g.S, p_eval, GradInputEval<false>{}, stream);
         }
       }
     }
-    stream_fence();
+  }
+}
+
+template <typename scalar_t>
+bool backward_fused(const Geometry& g, const GradInput<scalar_t>& d, const scalar_t* x_ptr, scalar_t* dx_ptr,
+                    bool training, const acc_type<scalar_t>* mu, const acc_type<scalar_t>* inv,
+                    const acc_type<scalar_t>* w, acc_type<scalar_t>* sum_dy, acc_type<scalar_t>* sum_dy_xmu) {
+  const int inputs = 2 + (d.y != nullptr ? 1 : 0);  // read per position by the sums
+  const auto blocks = fused_channel_blocks(g, inputs * sizeof(scalar_t));
+  if (!blocks) {
+    return false;
+  }
+  const bool stream = stream_output<scalar_t>(g, inputs);
+  dispatch_grad_source(GradSource{d.y != nullptr, d.d_out != nullptr}, [&](auto masked, auto write) {
+    constexpr bool kMasked = decltype(masked)::value, kWrite = decltype(write)::value;
+    parallel_items(blocks->count, inputs * blocks->size * g.reduce_size(), [&](int64_t begin, int64_t end) {
+      std::vector<GradSumsAcc<scalar_t, kMasked, kWrite>> accs;
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t c0 = block * blocks->size;
+        backward_block<scalar_t, kMasked, kWrite>(g, d, x_ptr, dx_ptr, training, mu, inv, w, sum_dy, sum_dy_xmu,
+                                                  c0, std::min(g.C, c0 + blocks->size), stream, accs);
+      }
+      stream_fence();
+    });
   });
   return true;
 }

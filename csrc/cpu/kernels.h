@@ -200,9 +200,19 @@ template <typename T>
 using BatchStatsFn = void(const T* x, const Geometry& g, WelfordStat<acc_type<T>>* out);
 FASTBN_DECLARE_KERNEL(batch_stats_kernel, BatchStatsFn);
 
-// sum_dy[c] = sum(dy), sum_dy_xmu[c] = sum(dy * (x - mean[c])) over channel c.
+// The gradient d the backward reduces: dy for batch norm; after the fused
+// ReLU, dy where the saved output y > 0 and 0 elsewhere. `d_out`, when not
+// null, receives d (grad_residual of the fused residual add).
 template <typename T>
-using GradSumsFn = void(const T* dy, const T* x, const Geometry& g, const acc_type<T>* mean,
+struct GradInput {
+  const T* dy;
+  const T* y = nullptr;  // the saved output: d is masked by y > 0 when set
+  T* d_out = nullptr;    // where d is written, when set
+};
+
+// sum_dy[c] = sum(d), sum_dy_xmu[c] = sum(d * (x - mean[c])) over channel c.
+template <typename T>
+using GradSumsFn = void(const GradInput<T>& d, const T* x, const Geometry& g, const acc_type<T>* mean,
                         acc_type<T>* sum_dy, acc_type<T>* sum_dy_xmu);
 FASTBN_DECLARE_KERNEL(grad_sums_kernel, GradSumsFn);
 
@@ -218,24 +228,31 @@ FASTBN_DECLARE_KERNEL(finish_stats_kernel, FinishStatsFn);
 // channel_map in elementwise.h.
 // ---------------------------------------------------------------------------
 
-// y = (x - mean[c]) * scale[c] + bias[c]
+// The forward's epilogue: y = act(batch_norm(x) + residual), act in
+// {identity, relu}, the residual optional (null).
+struct Epilogue {
+  bool relu = false;
+};
+
+// y = act((x - mean[c]) * scale[c] + bias[c] [+ residual])
 template <typename T>
-using NormalizeFn = void(const Geometry& g, const T* x, T* y, const acc_type<T>* mean,
-                         const acc_type<T>* scale, const acc_type<T>* bias);
+using NormalizeFn = void(const Geometry& g, const T* x, const T* residual, T* y, Epilogue epilogue,
+                         const acc_type<T>* mean, const acc_type<T>* scale, const acc_type<T>* bias);
 FASTBN_DECLARE_KERNEL(normalize_kernel, NormalizeFn);
 
 // Training backward: dx = (dy - (mean_dy[c] + (x - mean[c]) * xmu_coef[c])) * scale[c]
 // (mean_dy = sum(dy) / n, xmu_coef = invstd^2 * sum(dy * (x - mean)) / n,
 // scale = invstd * weight).
+// dy stands for d (see GradInput; its d_out is not used).
 template <typename T>
-using GradInputTrainFn = void(const Geometry& g, const T* dy, const T* x, T* dx, const acc_type<T>* mean,
-                              const acc_type<T>* mean_dy, const acc_type<T>* xmu_coef,
-                              const acc_type<T>* scale);
+using GradInputTrainFn = void(const Geometry& g, const GradInput<T>& d, const T* x, T* dx,
+                              const acc_type<T>* mean, const acc_type<T>* mean_dy,
+                              const acc_type<T>* xmu_coef, const acc_type<T>* scale);
 FASTBN_DECLARE_KERNEL(grad_input_train_kernel, GradInputTrainFn);
 
-// Evaluation backward: dx = dy * scale[c] (scale = invstd * weight).
+// Evaluation backward: dx = d * scale[c] (scale = invstd * weight).
 template <typename T>
-using GradInputEvalFn = void(const Geometry& g, const T* dy, T* dx, const acc_type<T>* scale);
+using GradInputEvalFn = void(const Geometry& g, const GradInput<T>& d, T* dx, const acc_type<T>* scale);
 FASTBN_DECLARE_KERNEL(grad_input_eval_kernel, GradInputEvalFn);
 
 // ---------------------------------------------------------------------------
@@ -245,17 +262,19 @@ FASTBN_DECLARE_KERNEL(grad_input_eval_kernel, GradInputEvalFn);
 // ---------------------------------------------------------------------------
 
 // Training forward: the statistics (mean, invstd, unbiased as
-// FinishStatsFn) and y = (x - mean) * invstd * weight + bias.
+// FinishStatsFn) and y = act((x - mean) * invstd * weight + bias [+ residual])
+// as NormalizeFn.
 template <typename T>
-using TrainFusedFn = bool(const Geometry& g, const T* x, T* y, const acc_type<T>* weight,
-                          const acc_type<T>* bias, double eps, acc_type<T>* mean, acc_type<T>* invstd,
-                          acc_type<T>* unbiased);
+using TrainFusedFn = bool(const Geometry& g, const T* x, const T* residual, T* y, Epilogue epilogue,
+                          const acc_type<T>* weight, const acc_type<T>* bias, double eps,
+                          acc_type<T>* mean, acc_type<T>* invstd, acc_type<T>* unbiased);
 FASTBN_DECLARE_KERNEL(train_fused_kernel, TrainFusedFn);
 
-// Backward: the sums of GradSumsFn and, when dx is not null, grad_input as
-// GradInputTrainFn (training) or GradInputEvalFn computes it from them.
+// Backward: the sums of GradSumsFn (writing d where d.d_out is set) and,
+// when dx is not null, grad_input as GradInputTrainFn (training) or
+// GradInputEvalFn computes it from them.
 template <typename T>
-using BackwardFusedFn = bool(const Geometry& g, const T* dy, const T* x, T* dx, bool training,
+using BackwardFusedFn = bool(const Geometry& g, const GradInput<T>& d, const T* x, T* dx, bool training,
                              const acc_type<T>* mean, const acc_type<T>* invstd,
                              const acc_type<T>* weight, acc_type<T>* sum_dy, acc_type<T>* sum_dy_xmu);
 FASTBN_DECLARE_KERNEL(backward_fused_kernel, BackwardFusedFn);

@@ -278,8 +278,86 @@ void batch_stats_channels_last(
 // Per-channel sums for the backward: sum(dy) and sum(dy * (x - mean))
 // ---------------------------------------------------------------------------
 
+// Where the backward's gradient d comes from: plain batch norm sums dy
+// itself; after a fused ReLU (see fused_kernels.cpp) d = dy where the saved
+// output y > 0 and 0 elsewhere (torch's threshold_backward: y <= 0 gives 0, so
+// an output of exactly 0 gets no gradient, and NaN keeps dy). `kWrite` also
+// stores d (grad_residual of the fused residual add).
+struct GradSource {
+  bool masked = false;  // d = dy * (y > 0)
+  bool write = false;   // store d
+};
+
+template <bool kMasked, typename aVec>
+inline aVec masked_grad(const aVec& dy, const aVec& y) {
+  if constexpr (kMasked) {
+    return aVec::blendv(dy, aVec(0), y <= aVec(0));
+  } else {
+    return dy;
+  }
+}
+
+// Calls f(std::bool_constant<masked>, std::bool_constant<write>).
+template <typename F>
+inline void dispatch_grad_source(const GradSource& source, const F& f) {
+  const auto with_write = [&](auto masked) {
+    if (source.write) {
+      f(masked, std::true_type{});
+    } else {
+      f(masked, std::false_type{});
+    }
+  };
+  if (source.masked) {
+    with_write(std::true_type{});
+  } else {
+    with_write(std::false_type{});
+  }
+}
+
+// p + offset where the pointer is used (kUsed), else null: no arithmetic on
+// the null pointers of unused inputs.
+template <bool kUsed, typename T>
+inline T* offset_if(T* p, int64_t offset) {
+  if constexpr (kUsed) {
+    return p + offset;
+  } else {
+    return nullptr;
+  }
+}
+
+// The gradient d of one step at dy (y: the saved output when kMasked),
+// stored at d_out when kWrite.
+template <typename scalar_t, bool kMasked, bool kWrite>
+inline void load_grad_step(
+    const scalar_t* dy, const scalar_t* y, scalar_t* d_out, int64_t n, bool stream,
+    typename VecIO<scalar_t>::aVec (&d)[VecIO<scalar_t>::kVecs]) {
+  using IO = VecIO<scalar_t>;
+  using aVec = typename IO::aVec;
+  aVec vy[IO::kVecs];
+  if (n == IO::kStep) {
+    IO::load_ahead(dy, d);
+    if constexpr (kMasked) IO::load_ahead(y, vy);
+  } else {
+    // Zero-filled lanes: dy = 0 adds nothing to either sum.
+    IO::load_partial(dy, n, d);
+    if constexpr (kMasked) IO::load_partial(y, n, vy);
+  }
+  if constexpr (kMasked) {
+    for (int k = 0; k < IO::kVecs; ++k) {
+      d[k] = masked_grad<true>(d[k], vy[k]);
+    }
+  }
+  if constexpr (kWrite) {
+    if (n == IO::kStep) {
+      IO::store(d_out, d, stream);
+    } else {
+      IO::store_partial(d_out, n, d);
+    }
+  }
+}
+
 // The two sums over channels-first rows of one channel.
-template <typename scalar_t>
+template <typename scalar_t, bool kMasked = false, bool kWrite = false>
 struct GradSumsAcc {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
@@ -292,6 +370,12 @@ struct GradSumsAcc {
   }
 
   inline void add_row(const scalar_t* dy, const scalar_t* x, int64_t len) {
+    add_row(dy, nullptr, x, nullptr, len, false);
+  }
+
+  // y: the saved output (kMasked); d_out: where d goes (kWrite).
+  inline void add_row(const scalar_t* dy, const scalar_t* y, const scalar_t* x, scalar_t* d_out,
+                      int64_t len, bool stream) {
     // Local copies of the sums, as in RowWelford::add_row.
     aVec sum_dy[IO::kVecs], sum_dy_xmu[IO::kVecs];
     for (int k = 0; k < IO::kVecs; ++k) {
@@ -302,12 +386,11 @@ struct GradSumsAcc {
     for (int64_t s = 0; s < len; s += IO::kStep) {
       const int64_t n = std::min<int64_t>(IO::kStep, len - s);
       aVec vdy[IO::kVecs], vx[IO::kVecs];
+      load_grad_step<scalar_t, kMasked, kWrite>(dy + s, offset_if<kMasked>(y, s), offset_if<kWrite>(d_out, s), n,
+                                                 stream, vdy);
       if (n == IO::kStep) {
-        IO::load_ahead(dy + s, vdy);
         IO::load_ahead(x + s, vx);
       } else {
-        // Zero-filled lanes: dy = 0 adds nothing to either sum.
-        IO::load_partial(dy + s, n, vdy);
         IO::load_partial(x + s, n, vx);
       }
       for (int k = 0; k < IO::kVecs; ++k) {
@@ -337,20 +420,28 @@ struct GradSumsAcc {
   aVec dy_[IO::kVecs], dy_xmu_[IO::kVecs];
 };
 
-template <typename scalar_t>
+// grad_sums_channels_first / _last: sum(d) and sum(d * (x - mean)) per
+// channel, d from dy as `GradSource` says (y: the saved output when masked;
+// d_out: where d is written, when written).
+template <typename scalar_t, bool kMasked, bool kWrite>
 void grad_sums_channels_first(
-    const scalar_t* dy, const scalar_t* x, const Geometry& g,
+    const scalar_t* dy, const scalar_t* y, const scalar_t* x, scalar_t* d_out, const Geometry& g,
     const at::opmath_type<scalar_t>* mean, at::opmath_type<scalar_t>* sum_dy,
     at::opmath_type<scalar_t>* sum_dy_xmu) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
-  if (walk_images(g, sizeof(GradSumsAcc<scalar_t>))) {
+  using Acc = GradSumsAcc<scalar_t, kMasked, kWrite>;
+  const bool stream = kWrite && stream_pass((kMasked ? 4 : 3) * g.numel() * static_cast<int64_t>(sizeof(scalar_t)));
+  const auto add_row = [&](Acc& acc, int64_t base) {
+    acc.add_row(dy + base, offset_if<kMasked>(y, base), x + base, offset_if<kWrite>(d_out, base), g.S, stream);
+  };
+  if (walk_images(g, sizeof(Acc))) {
     // Short rows: in memory order, as in batch_stats_channels_first.
     const int64_t ipc = images_per_chunk(g);
     const int64_t chunks = (g.N + ipc - 1) / ipc;
     std::vector<acc_t> part_dy(chunks * g.C), part_dy_xmu(chunks * g.C);
     parallel_items(chunks, std::min(ipc, g.N) * g.C * g.S, [&](int64_t begin, int64_t end) {
-      std::vector<GradSumsAcc<scalar_t>> accs;
+      std::vector<Acc> accs;
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         accs.clear();
         for (int64_t c = 0; c < g.C; ++c) {
@@ -358,14 +449,14 @@ void grad_sums_channels_first(
         }
         for (int64_t n = chunk * ipc; n < std::min(g.N, (chunk + 1) * ipc); ++n) {
           for (int64_t c = 0; c < g.C; ++c) {
-            const int64_t base = (n * g.C + c) * g.S;
-            accs[c].add_row(dy + base, x + base, g.S);
+            add_row(accs[c], (n * g.C + c) * g.S);
           }
         }
         for (int64_t c = 0; c < g.C; ++c) {
           std::tie(part_dy[chunk * g.C + c], part_dy_xmu[chunk * g.C + c]) = accs[c].result();
         }
       }
+      if (kWrite) stream_fence();
     });
     for (int64_t c = 0; c < g.C; ++c) {
       acc_t a = 0, b = 0;
@@ -386,13 +477,13 @@ void grad_sums_channels_first(
       const int64_t c = item / chunks;
       const int64_t n0 = (item % chunks) * rpc;
       const int64_t n1 = std::min(g.N, n0 + rpc);
-      GradSumsAcc<scalar_t> acc(mean[c]);
+      Acc acc(mean[c]);
       for (int64_t n = n0; n < n1; ++n) {
-        const int64_t base = (n * g.C + c) * g.S;
-        acc.add_row(dy + base, x + base, g.S);
+        add_row(acc, (n * g.C + c) * g.S);
       }
       std::tie(part_dy[item], part_dy_xmu[item]) = acc.result();
     }
+    if (kWrite) stream_fence();
   });
   for (int64_t c = 0; c < g.C; ++c) {
     acc_t a = 0, b = 0;
@@ -405,15 +496,15 @@ void grad_sums_channels_first(
   }
 }
 
-// Adds sum(dy) and sum(dy * (x - mean)) of every position of a channels-last
+// Adds sum(d) and sum(d * (x - mean)) of every position of a channels-last
 // period of K values over the periods p0 <= p < p1 (the last one may end at
 // `total`) into a_dy[K] and a_dy_xmu[K]. Sizes and pointers are parameters,
 // not lambda captures: see channels_last_period_stats.
-template <typename scalar_t>
+template <typename scalar_t, bool kMasked, bool kWrite>
 void channels_last_period_grad_sums(
-    const scalar_t* dy, const scalar_t* x, int64_t K, int64_t total, int64_t p0, int64_t p1,
-    const at::opmath_type<scalar_t>* mean_p, at::opmath_type<scalar_t>* a_dy,
-    at::opmath_type<scalar_t>* a_dy_xmu) {
+    const scalar_t* dy, const scalar_t* y, const scalar_t* x, scalar_t* d_out, int64_t K, int64_t total,
+    int64_t p0, int64_t p1, const at::opmath_type<scalar_t>* mean_p, at::opmath_type<scalar_t>* a_dy,
+    at::opmath_type<scalar_t>* a_dy_xmu, bool stream) {
   using IO = VecIO<scalar_t>;
   using aVec = typename IO::aVec;
   const int64_t group_bytes = 4 * K * static_cast<int64_t>(sizeof(scalar_t));
@@ -427,7 +518,20 @@ void channels_last_period_grad_sums(
         const int64_t at = (p + r) * K + j;
         prefetch(dy + at, group_bytes);  // the same place in the next group
         prefetch(x + at, group_bytes);
-        IO::load(dy + at, vdy[r]);
+        if constexpr (kMasked) {
+          prefetch(y + at, group_bytes);
+          aVec vy[IO::kVecs];
+          IO::load(dy + at, vdy[r]);
+          IO::load(y + at, vy);
+          for (int k = 0; k < IO::kVecs; ++k) {
+            vdy[r][k] = masked_grad<true>(vdy[r][k], vy[k]);
+          }
+        } else {
+          IO::load(dy + at, vdy[r]);
+        }
+        if constexpr (kWrite) {
+          IO::store(d_out + at, vdy[r], stream);
+        }
         IO::load(x + at, vx[r]);
       }
       for (int k = 0; k < IO::kVecs; ++k) {
@@ -449,13 +553,14 @@ void channels_last_period_grad_sums(
     const int64_t len = std::min(K, total - base);
     for (int64_t j = 0; j < len; j += IO::kStep) {
       const int64_t n = std::min<int64_t>(IO::kStep, len - j);
+      const int64_t at = base + j;
       aVec vdy[IO::kVecs], vx[IO::kVecs];
+      load_grad_step<scalar_t, kMasked, kWrite>(dy + at, offset_if<kMasked>(y, at), offset_if<kWrite>(d_out, at),
+                                                n, stream, vdy);
       if (n == IO::kStep) {
-        IO::load_ahead(dy + base + j, vdy);
-        IO::load_ahead(x + base + j, vx);
+        IO::load_ahead(x + at, vx);
       } else {
-        IO::load_partial(dy + base + j, n, vdy);
-        IO::load_partial(x + base + j, n, vx);
+        IO::load_partial(x + at, n, vx);
       }
       for (int k = 0; k < IO::kVecs; ++k) {
         const int64_t off = j + k * IO::kAccLanes;
@@ -470,9 +575,9 @@ void channels_last_period_grad_sums(
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kMasked, bool kWrite>
 void grad_sums_channels_last(
-    const scalar_t* dy, const scalar_t* x, const Geometry& g,
+    const scalar_t* dy, const scalar_t* y, const scalar_t* x, scalar_t* d_out, const Geometry& g,
     const at::opmath_type<scalar_t>* mean, at::opmath_type<scalar_t>* sum_dy,
     at::opmath_type<scalar_t>* sum_dy_xmu) {
   using IO = VecIO<scalar_t>;
@@ -485,6 +590,7 @@ void grad_sums_channels_last(
   const int64_t chunks = (periods + ppc - 1) / ppc;
   const std::vector<acc_t> mean_p = periodic<acc_t, IO::kStep>(mean, C, K);
   std::vector<acc_t> part_dy(chunks * C, acc_t(0)), part_dy_xmu(chunks * C, acc_t(0));
+  const bool stream = kWrite && stream_pass((kMasked ? 4 : 3) * total * static_cast<int64_t>(sizeof(scalar_t)));
 
   parallel_items(chunks, ppc * K, [&](int64_t begin, int64_t end) {
     // One step of padding: the last step of a period may run past K.
@@ -493,8 +599,9 @@ void grad_sums_channels_last(
       std::fill(a_dy.begin(), a_dy.end(), acc_t(0));
       std::fill(a_dy_xmu.begin(), a_dy_xmu.end(), acc_t(0));
       const int64_t p0 = chunk * ppc;
-      channels_last_period_grad_sums(dy, x, K, total, p0, std::min(periods, p0 + ppc),
-                                     mean_p.data(), a_dy.data(), a_dy_xmu.data());
+      channels_last_period_grad_sums<scalar_t, kMasked, kWrite>(
+          dy, y, x, d_out, K, total, p0, std::min(periods, p0 + ppc), mean_p.data(), a_dy.data(),
+          a_dy_xmu.data(), stream);
       acc_t* out_dy = part_dy.data() + chunk * C;
       acc_t* out_dy_xmu = part_dy_xmu.data() + chunk * C;
       for (int64_t r = 0; r < K; r += C) {  // K is a multiple of C
@@ -504,6 +611,7 @@ void grad_sums_channels_last(
         }
       }
     }
+    if (kWrite) stream_fence();
   });
   for (int64_t c = 0; c < C; ++c) {
     acc_t a = 0, b = 0;

@@ -16,13 +16,16 @@ void batch_stats(const scalar_t* x, const Geometry& g, WelfordStat<acc_type<scal
 }
 
 template <typename scalar_t>
-void grad_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g, const acc_type<scalar_t>* mean,
-               acc_type<scalar_t>* sum_dy, acc_type<scalar_t>* sum_dy_xmu) {
-  if (g.channels_last()) {
-    grad_sums_channels_last(dy, x, g, mean, sum_dy, sum_dy_xmu);
-  } else {
-    grad_sums_channels_first(dy, x, g, mean, sum_dy, sum_dy_xmu);
-  }
+void grad_sums(const GradInput<scalar_t>& d, const scalar_t* x, const Geometry& g,
+               const acc_type<scalar_t>* mean, acc_type<scalar_t>* sum_dy, acc_type<scalar_t>* sum_dy_xmu) {
+  dispatch_grad_source(GradSource{d.y != nullptr, d.d_out != nullptr}, [&](auto masked, auto write) {
+    constexpr bool kMasked = decltype(masked)::value, kWrite = decltype(write)::value;
+    if (g.channels_last()) {
+      grad_sums_channels_last<scalar_t, kMasked, kWrite>(d.dy, d.y, x, d.d_out, g, mean, sum_dy, sum_dy_xmu);
+    } else {
+      grad_sums_channels_first<scalar_t, kMasked, kWrite>(d.dy, d.y, x, d.d_out, g, mean, sum_dy, sum_dy_xmu);
+    }
+  });
 }
 
 template <typename scalar_t>

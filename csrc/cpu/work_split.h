@@ -7,6 +7,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 namespace fastbn::cpu {
@@ -27,6 +28,16 @@ inline int64_t rows_per_chunk(int64_t row_len) {
 template <typename F>
 void parallel_items(int64_t items, int64_t values_per_item, const F& f) {
   at::parallel_for(0, items, rows_per_chunk(values_per_item), f);
+}
+
+// Calls f(std::bool_constant<value>): a runtime flag made a template argument.
+template <typename F>
+inline void dispatch_bool(bool value, const F& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
 }
 
 // Channels-first rows shorter than this are "short": reducing them channel by
