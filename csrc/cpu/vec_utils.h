@@ -122,6 +122,16 @@ struct VecIO {
       narrow(v).store(p);
     }
   }
+  // A streaming store at p, which must be kStreamAlign-aligned.
+  static inline void stream_aligned(scalar_t* p, const aVec (&v)[kVecs]) {
+    if constexpr (kStreamAlign == 0) {
+      store(p, v);
+    } else if constexpr (kVecs == 1) {
+      stream_store(p, v[0]);
+    } else {
+      stream_store(p, narrow(v));
+    }
+  }
   // store() through the non-temporal path when `stream` and p is aligned.
   static inline void store(scalar_t* p, const aVec (&v)[kVecs], bool stream) {
     if (!stream || kStreamAlign == 0 || reinterpret_cast<uintptr_t>(p) % kStreamAlign != 0) {
