@@ -122,7 +122,7 @@ void backward_block(const Geometry& g, const GradInput<scalar_t>& d, const scala
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t base = (i * C + c) * g.S;
       accs[c - c0].add_row(d.dy + base, offset_if<kMasked>(d.y, base), x_ptr + base,
-                           offset_if<kWrite>(d.d_out, base), g.S, stream);
+                           offset_if<kWrite>(d.d_out, base), g.S, /*stream=*/false);
     }
   }
   for (int64_t c = c0; c < c1; ++c) {
@@ -172,6 +172,7 @@ bool backward_fused(const Geometry& g, const GradInput<scalar_t>& d, const scala
     return false;
   }
   const bool stream = stream_output<scalar_t>(g, inputs);
+  // (d itself is read back from the cache within its block: never streamed.)
   dispatch_grad_source(GradSource{d.y != nullptr, d.d_out != nullptr}, [&](auto masked, auto write) {
     constexpr bool kMasked = decltype(masked)::value, kWrite = decltype(write)::value;
     parallel_items(blocks->count, inputs * blocks->size * g.reduce_size(), [&](int64_t begin, int64_t end) {
