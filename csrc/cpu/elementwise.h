@@ -506,7 +506,8 @@ void channel_map(
   const int64_t K = channels_last_period<scalar_t>(pattern, total);
   if (!g.channels_last() && (K > kMaxImagePeriod || K % IO::kStep != 0)) {
     const int64_t rows = g.N * g.C;
-    const bool flat = g.S < kShortRow && g.S >= IO::kStep;
+    // Rows of whole steps need no blending: row by row (fewer live registers).
+    const bool flat = g.S < kShortRow && g.S >= IO::kStep && g.S % IO::kStep != 0;
     parallel_items(rows, g.S, [&](int64_t begin, int64_t end) {
       if (flat) {
         map_rows_flat<scalar_t, kIn, kParams>(in, out, begin, end, g, params, op, stream);
