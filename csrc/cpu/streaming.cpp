@@ -20,8 +20,17 @@
 // Xeon VM with a 300 MiB LLC (fp32 64x6x28x28 eval, 1.2 MB: 89 us streamed
 // against 108 plain on one thread, 53 against 44 on two). Under this rule
 // neither machine streams those tensors; both stream passes too big for
-// their caches. Not yet re-measured across 1-64 MB on either machine: the
-// 3/4 factor follows glibc, not a sweep.
+// their caches. A sweep on the 2-core EPYC (32 MiB L3, 512 KiB L2, 2
+// threads; `python -m fastbn.bench --suite cache --modes eval_fwd --dtypes
+// fp32`, whose inputs rotate through copies so that each call reads from
+// memory), fastbn's time with FASTBN_CPU_STREAM_MIN_MB=0 over =inf, each
+// relative to torch in its own run: 1-4 MiB tensors 1.5-2.4x slower
+// streamed, 6.8 MiB 1.33x slower, 8 MiB 0.86-0.96, 16 MiB 0.60-0.69, 32-64
+// MiB 0.71-0.85. The break-even (about 14 MiB moved, under half the L3) is
+// below this rule's 25 MiB: the rule leaves a pass of 8-12 MiB tensors
+// cached, which costs up to ~15% in this benchmark, and keeps their output
+// in the L3 for the next reader (the next layer), which the benchmark does
+// not measure. The 3/4 factor follows glibc.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
