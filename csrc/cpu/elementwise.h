@@ -306,7 +306,9 @@ void map_rows_flat(
 // them after every store (vector types may alias anything).
 // Measured on an AVX2 machine (2 threads, eval) against the earlier walk,
 // which loaded the parameters once per four periods and went down the four
-// side by side: fp32 32x96x24x24 TODO.
+// side by side, on `python -m fastbn.bench` at 2 threads: fp32 channels_last
+// 32x96x24x24 743 us -> 482 us (torch 492 and 475 in those runs), bf16
+// 8192x1024 3566 us -> 1752 us (torch 2438 and 2325).
 template <bool kStream, typename scalar_t, int kIn, int kParams, typename Op>
 void map_periods_walk(
     const scalar_t* const (&inputs)[kIn], scalar_t* out, int64_t K, int64_t total, int64_t p0,
