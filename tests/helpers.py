@@ -73,3 +73,26 @@ def poison_allocator(device, nbytes):
         block = torch.ops.fastbn.batch_norm_eval(nan, ones, ones, None, None, 1e-5)
         assert block.isnan().all()
         del block
+
+
+# The correctness tests that cover every CPU kernel: statistics, elementwise
+# passes and fused blocks, both layouts, every dtype, streamed outputs.
+CORRECTNESS_SUBSET = ("cpu and (matches_float64_reference or matches_torch or output_mask or "
+                      "large_offset or streamed_output or thread_count)")
+
+
+def run_correctness_subset(env: dict) -> None:
+    """Runs CORRECTNESS_SUBSET of test_correctness.py, and test_fused.py's
+    every-kernel-path tests, in a fresh process with this environment (for
+    settings read once at load: the ISA cap, the streaming threshold)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_correctness.py",
+         "tests/test_fused.py", "-k", f"({CORRECTNESS_SUBSET}) or every_kernel_path"],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=1200, env=env)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert re.search(r"\d+ passed", out.stdout)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_correctness_subset
+
 import fastbn
 from fastbn import _build, _loader
 
@@ -81,12 +83,6 @@ def test_unknown_cap_is_a_clear_error():
     assert "ERROR" in out.stdout and "FASTBN_CPU_ISA must be one of" in out.stdout and "'sse9'" in out.stdout
 
 
-# The correctness tests that cover every kernel: statistics, elementwise passes
-# and fused blocks, both layouts, every dtype, streamed outputs.
-CORRECTNESS_SUBSET = ("cpu and (matches_float64_reference or matches_torch or output_mask or "
-                      "large_offset or streamed_output or thread_count)")
-
-
 @pytest.mark.parametrize("variant", ["avx2", "avx512"])
 def test_correctness_under_each_variant(variant):
     if variant not in built_variants():
@@ -97,12 +93,7 @@ def test_correctness_under_each_variant(variant):
     env = {**os.environ, "FASTBN_CPU_ISA": variant}
     check = python("import fastbn; print(fastbn.build_info()['cpu_isa'])", FASTBN_CPU_ISA=variant)
     assert check.stdout.split()[-1] == variant, check.stderr
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_correctness.py",
-         "-k", CORRECTNESS_SUBSET],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    assert re.search(r"\d+ passed", out.stdout)
+    run_correctness_subset(env)
 
 
 # Instructions only AVX-512 (EVEX encoding) has: its registers (zmm, xmm/ymm

@@ -12,6 +12,7 @@ import pytest
 
 import fastbn
 from fastbn import _loader
+from helpers import run_correctness_subset
 
 ROOT = Path(__file__).resolve().parent.parent
 KiB, MiB = 1 << 10, 1 << 20
@@ -80,3 +81,15 @@ def test_bad_override_is_a_clear_error():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "FASTBN_CPU_STREAM_MIN_MB": "lots"})
     assert "FASTBN_CPU_STREAM_MIN_MB must be a number of MiB" in out.stdout, out.stdout + out.stderr
+
+
+def test_correctness_with_every_output_streamed():
+    """With the threshold at 0 every pass streams its output (aligned full
+    vectors through non-temporal stores, the rest plainly): the kernels'
+    streaming forms (row walks, the short-row flat walk, channels-last
+    periods, misaligned rows, 16-bit types) against the fp64 reference."""
+    check = subprocess.run([sys.executable, "-c", "import fastbn; print(fastbn.build_info()['cpu_caches']['stream_min_bytes'])"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "FASTBN_CPU_STREAM_MIN_MB": "0"})
+    assert check.stdout.split()[-1] == "0", check.stderr
+    run_correctness_subset({**os.environ, "FASTBN_CPU_STREAM_MIN_MB": "0"})

@@ -106,11 +106,12 @@ inline void map_steps(
   for (int i = 0; i < kParams; ++i) {
     prm[i] = params[i];
   }
+  // Every lane has the same parameters: the lanes may be in any order.
   for (int64_t step = 0; step < steps; ++step) {
     const int64_t j = step * IO::kStep;
     aVec v[kIn][IO::kVecs];
     for (int i = 0; i < kIn; ++i) {
-      IO::load_ahead(src[i] + j, v[i]);
+      IO::load_any_order(src[i] + j, v[i]);
     }
     aVec result[IO::kVecs];
     for (int k = 0; k < IO::kVecs; ++k) {
@@ -121,9 +122,9 @@ inline void map_steps(
       result[k] = op(args, prm);
     }
     if constexpr (kStream) {
-      IO::stream_aligned(out + j, result);
+      IO::stream_any_order(out + j, result);
     } else {
-      IO::store(out + j, result);
+      IO::store_any_order(out + j, result);
     }
   }
 }
@@ -220,7 +221,11 @@ void map_rows_flat_walk(
   for (int i = 0; i < kParams; ++i) {
     param[i] = params[i];
   }
-  const aVec lane_index = aVec::arange(acc_t(0), acc_t(1));
+  // The steps' lanes are in load_any_order's order (blends use their positions).
+  aVec positions[IO::kVecs];
+  for (int k = 0; k < IO::kVecs; ++k) {
+    positions[k] = IO::any_order_positions(k);
+  }
   int64_t c = r0 % C;
   int64_t c_next = c + 1 == C ? 0 : c + 1;
   aVec cur[kParams], next[kParams];
@@ -244,7 +249,7 @@ void map_rows_flat_walk(
   for (; pos + IO::kStep <= end; pos += IO::kStep) {
     aVec v[kIn][IO::kVecs];
     for (int i = 0; i < kIn; ++i) {
-      IO::load_ahead(in[i] + pos, v[i]);
+      IO::load_any_order(in[i] + pos, v[i]);
     }
     aVec result[IO::kVecs];
     if (pos + IO::kStep <= row_end) {
@@ -258,7 +263,7 @@ void map_rows_flat_walk(
     } else {
       const int64_t split = row_end - pos;  // lanes from here on are in the next row
       for (int k = 0; k < IO::kVecs; ++k) {
-        const auto in_next = lane_index >= aVec(static_cast<acc_t>(split - k * IO::kAccLanes));
+        const auto in_next = positions[k] >= aVec(static_cast<acc_t>(split));
         aVec args[kIn], prm[kParams];
         for (int i = 0; i < kIn; ++i) {
           args[i] = v[i][k];
@@ -276,10 +281,10 @@ void map_rows_flat_walk(
       }
       row_end += S;
     }
-    if constexpr (kStream) {
-      IO::store(out + pos, result, true);
+    if (kStream && kStreamAlign != 0 && reinterpret_cast<uintptr_t>(out + pos) % kStreamAlign == 0) {
+      IO::stream_any_order(out + pos, result);
     } else {
-      IO::store(out + pos, result);
+      IO::store_any_order(out + pos, result);
     }
   }
   if (pos < end) {  // the last row's partial step (row_end == end here)
@@ -296,6 +301,34 @@ void map_rows_flat(
   } else {
     map_rows_flat_walk<false, scalar_t, kIn, kParams>(in, out, r0, r1, g.S, g.C, params, op);
   }
+}
+
+// op on the n < kStep values from pos, whose parameters come in
+// load_any_order's lane order (`params_at(k, prm)` for vector k): through
+// a step-sized buffer, as the walks that call it are laid out for whole steps.
+template <typename scalar_t, int kIn, int kParams, typename ParamsAt, typename Op>
+inline void map_partial_step_any_order(
+    const scalar_t* const (&in)[kIn], scalar_t* out, int64_t pos, int64_t n, const ParamsAt& params_at,
+    const Op& op) {
+  using IO = VecIO<scalar_t>;
+  using aVec = typename IO::aVec;
+  scalar_t buffer[IO::kStep] = {};
+  aVec v[kIn][IO::kVecs];
+  for (int i = 0; i < kIn; ++i) {
+    std::copy(in[i] + pos, in[i] + pos + n, buffer);
+    IO::load_any_order(buffer, v[i]);
+  }
+  aVec result[IO::kVecs];
+  for (int k = 0; k < IO::kVecs; ++k) {
+    aVec args[kIn], prm[kParams];
+    for (int i = 0; i < kIn; ++i) {
+      args[i] = v[i][k];
+    }
+    params_at(k, prm);
+    result[k] = op(args, prm);
+  }
+  IO::store_any_order(buffer, result);
+  std::copy(buffer, buffer + n, out + pos);
 }
 
 // op over the channels-last periods p0 <= p < p1 of K values (the last may
@@ -327,10 +360,17 @@ void map_periods_walk(
     const int64_t base = p * K;
     const int64_t len = std::min(K, total - base);
     const int64_t whole = len / IO::kStep * IO::kStep;
+    const auto params_at = [&](int64_t j) {
+      return [&param, j](int k, aVec (&prm)[kParams]) {
+        for (int i = 0; i < kParams; ++i) {
+          prm[i] = aVec::loadu(param[i] + j + k * IO::kAccLanes);  // padded by a step
+        }
+      };
+    };
     for (int64_t j = 0; j < whole; j += IO::kStep) {
       aVec v[kIn][IO::kVecs];
       for (int i = 0; i < kIn; ++i) {
-        IO::load_ahead(in[i] + base + j, v[i]);
+        IO::load_any_order(in[i] + base + j, v[i]);
       }
       aVec result[IO::kVecs];
       for (int k = 0; k < IO::kVecs; ++k) {
@@ -338,34 +378,13 @@ void map_periods_walk(
         for (int i = 0; i < kIn; ++i) {
           args[i] = v[i][k];
         }
-        for (int i = 0; i < kParams; ++i) {
-          prm[i] = aVec::loadu(param[i] + j + k * IO::kAccLanes);
-        }
+        params_at(j)(k, prm);
         result[k] = op(args, prm);
       }
-      if constexpr (kStream) {
-        IO::store(out + base + j, result, true);
-      } else {
-        IO::store(out + base + j, result);
-      }
+      IO::store_any_order(out + base + j, result, kStream);
     }
     if (whole < len) {
-      aVec v[kIn][IO::kVecs];
-      for (int i = 0; i < kIn; ++i) {
-        IO::load_partial(in[i] + base + whole, len - whole, v[i]);
-      }
-      aVec result[IO::kVecs];
-      for (int k = 0; k < IO::kVecs; ++k) {
-        aVec args[kIn], prm[kParams];
-        for (int i = 0; i < kIn; ++i) {
-          args[i] = v[i][k];
-        }
-        for (int i = 0; i < kParams; ++i) {
-          prm[i] = aVec::loadu(param[i] + whole + k * IO::kAccLanes);  // padded by a step
-        }
-        result[k] = op(args, prm);
-      }
-      IO::store_partial(out + base + whole, len - whole, result);
+      map_partial_step_any_order<scalar_t, kIn, kParams>(in, out, base + whole, len - whole, params_at(whole), op);
     }
   }
 }
@@ -416,34 +435,42 @@ void map_short_period(
       }
     }
   }
+  // The step at pos, whose parameters are prm[s].
+  const auto step = [&](int64_t pos, int s) {
+    aVec v[kIn][IO::kVecs];
+    for (int i = 0; i < kIn; ++i) {
+      IO::load_any_order(in[i] + pos, v[i]);
+    }
+    aVec result[IO::kVecs];
+    for (int k = 0; k < IO::kVecs; ++k) {
+      aVec args[kIn];
+      for (int i = 0; i < kIn; ++i) {
+        args[i] = v[i][k];
+      }
+      result[k] = op(args, prm[s][k]);
+    }
+    IO::store_any_order(out + pos, result, stream);
+  };
   int64_t at = begin;
   for (; at + kPeriod <= end; at += kPeriod) {
     for (int s = 0; s < KS; ++s) {
-      const int64_t pos = at + s * IO::kStep;
-      aVec v[kIn][IO::kVecs];
-      for (int i = 0; i < kIn; ++i) {
-        IO::load_ahead(in[i] + pos, v[i]);
-      }
-      aVec result[IO::kVecs];
-      for (int k = 0; k < IO::kVecs; ++k) {
-        aVec args[kIn];
-        for (int i = 0; i < kIn; ++i) {
-          args[i] = v[i][k];
-        }
-        result[k] = op(args, prm[s][k]);
-      }
-      IO::store(out + pos, result, stream);
+      step(at + s * IO::kStep, s);
     }
   }
-  if (at < end) {  // the last partial period of the tensor
-    map_run<scalar_t, kIn, kParams>(
-        in, out, at, end - at,
-        [&](int64_t off, aVec (&p)[kParams]) {
-          for (int i = 0; i < kParams; ++i) {
-            p[i] = aVec::loadu(periodic_params[i] + off);
-          }
-        },
-        op, stream);
+  // The last partial period of the tensor.
+  for (int s = 0; at < end; at += IO::kStep, ++s) {
+    if (at + IO::kStep <= end) {
+      step(at, s);
+    } else {
+      map_partial_step_any_order<scalar_t, kIn, kParams>(
+          in, out, at, end - at,
+          [&](int k, aVec (&p)[kParams]) {
+            for (int i = 0; i < kParams; ++i) {
+              p[i] = prm[s][k][i];
+            }
+          },
+          op);
+    }
   }
 }
 
@@ -534,6 +561,7 @@ void channel_map(
   const acc_t* param_ptr[kParams];
   for (int i = 0; i < kParams; ++i) {
     periodic_params.push_back(periodic<acc_t, IO::kStep>(params[i], g.C, K, S));
+    IO::to_any_order(periodic_params.back());  // the walks load their steps so
     param_ptr[i] = periodic_params.back().data();
   }
   const int64_t steps = base_period_steps<scalar_t>(pattern);
@@ -548,22 +576,47 @@ void channel_map(
 
 // The elementwise formulas, in the form channel_map / map_row apply them.
 
-// y = (x - mean) * scale + bias; params {mean, scale, bias}. Subtracting first
-// keeps inputs with a large offset accurate, unlike x * scale + (bias - mean * scale).
-struct Normalize {
-  template <typename V>
-  V operator()(const V (&v)[1], const V (&p)[3]) const {
-    return at::vec::fmadd(v[0] - p[0], p[1], p[2]);
-  }
-};
+// The normalising formula, y = (x - mean) * scale + bias, in one of two
+// forms chosen by the type (kNormalizeParams):
+//  - float and double: params {mean, scale, bias}; subtracting first keeps
+//    inputs with a large offset accurate, unlike x * scale + (bias - mean * scale);
+//  - bf16 and fp16: the affine form y = x * scale + shift, params {scale,
+//    shift} with shift = bias - mean * scale (normalize_params). One
+//    operation and one parameter register fewer per vector, where the 16-bit
+//    conversions make the pass compute-bound on AVX2 (and the flat walk had
+//    spilled its parameters to the stack). Its extra rounding, about
+//    2^-24 |x * scale|, is far below the output's: a 16-bit x that differs
+//    from the mean by d has |x| <= 2^8 d (bf16, 2^11 for fp16) unless its
+//    own quantisation (2^-8 |x|) exceeds d, so the error stays under
+//    2^-13 |d * scale| where the output rounds to 2^-9 (2^-12) of it.
+template <typename scalar_t>
+constexpr int kNormalizeParams = std::is_same_v<scalar_t, at::opmath_type<scalar_t>> ? 3 : 2;
 
-// The fused forward: y = act((x - mean) * scale + bias [+ residual]);
-// inputs {x[, residual]} (kIn = 2 with the residual); params as Normalize.
-template <int kIn, bool kRelu>
+// The parameters of one channel, in the form kNormalizeParams<scalar_t> takes.
+template <typename scalar_t, typename acc_t>
+inline void normalize_params(acc_t mean, acc_t scale, acc_t bias, acc_t (&out)[kNormalizeParams<scalar_t>]) {
+  if constexpr (kNormalizeParams<scalar_t> == 3) {
+    out[0] = mean;
+    out[1] = scale;
+    out[2] = bias;
+  } else {
+    out[0] = scale;
+    out[1] = static_cast<acc_t>(static_cast<double>(bias) - static_cast<double>(mean) * scale);
+  }
+}
+
+// The (fused) forward: y = act(normalize(x) [+ residual]); inputs {x[,
+// residual]} (kIn = 2 with the residual); params as normalize_params.
+template <int kIn, bool kRelu, int kParams>
 struct NormalizeAct {
   template <typename V>
-  V operator()(const V (&v)[kIn], const V (&p)[3]) const {
-    V y = at::vec::fmadd(v[0] - p[0], p[1], p[2]);
+  V operator()(const V (&v)[kIn], const V (&p)[kParams]) const {
+    V y;
+    if constexpr (kParams == 3) {
+      y = at::vec::fmadd(v[0] - p[0], p[1], p[2]);
+    } else {
+      y = at::vec::fmadd(v[0], p[0], p[1]);
+    }
     if constexpr (kIn == 2) {
       y = y + v[1];
     }

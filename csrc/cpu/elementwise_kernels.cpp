@@ -2,6 +2,8 @@
 #include "elementwise.h"
 #include "kernels.h"
 
+#include <vector>
+
 namespace fastbn::cpu {
 inline namespace CPU_CAPABILITY {
 namespace {
@@ -9,18 +11,38 @@ namespace {
 template <typename scalar_t>
 void normalize(const Geometry& g, const scalar_t* x, const scalar_t* residual, scalar_t* y, Epilogue epilogue,
                const acc_type<scalar_t>* mean, const acc_type<scalar_t>* scale, const acc_type<scalar_t>* bias) {
-  const acc_type<scalar_t>* prm[3] = {mean, scale, bias};
+  using acc_t = acc_type<scalar_t>;
+  constexpr int kParams = kNormalizeParams<scalar_t>;
+  // Per-channel arrays in the form the formula takes (see normalize_params).
+  std::vector<acc_t> arrays[kParams];
+  const acc_t* prm[kParams];
+  if constexpr (kParams == 3) {
+    prm[0] = mean;
+    prm[1] = scale;
+    prm[2] = bias;
+  } else {
+    for (auto& a : arrays) {
+      a.resize(g.C);
+    }
+    for (int64_t c = 0; c < g.C; ++c) {
+      acc_t values[kParams];
+      normalize_params<scalar_t>(mean[c], scale[c], bias[c], values);
+      for (int i = 0; i < kParams; ++i) {
+        arrays[i][c] = values[i];
+      }
+    }
+    for (int i = 0; i < kParams; ++i) {
+      prm[i] = arrays[i].data();
+    }
+  }
   dispatch_bool(epilogue.relu, [&](auto relu) {
     constexpr bool kRelu = decltype(relu)::value;
     if (residual != nullptr) {
       const scalar_t* in[2] = {x, residual};
-      channel_map<scalar_t, 2, 3>(g, in, y, prm, NormalizeAct<2, kRelu>{});
-    } else if (kRelu) {
-      const scalar_t* in[1] = {x};
-      channel_map<scalar_t, 1, 3>(g, in, y, prm, NormalizeAct<1, true>{});
+      channel_map<scalar_t, 2, kParams>(g, in, y, prm, NormalizeAct<2, kRelu, kParams>{});
     } else {
       const scalar_t* in[1] = {x};
-      channel_map<scalar_t, 1, 3>(g, in, y, prm, Normalize{});
+      channel_map<scalar_t, 1, kParams>(g, in, y, prm, NormalizeAct<1, kRelu, kParams>{});
     }
   });
 }

@@ -58,16 +58,18 @@ bool train_fused(const Geometry& g, const scalar_t* x_ptr, const scalar_t* resid
   const bool stream = stream_output<scalar_t>(g, residual != nullptr ? 2 : 1);
   // The output of the rows of channel c in image i, once its statistics are known.
   const auto normalize_row = [&](int64_t i, int64_t c) {
-    const acc_t values[3] = {mean[c], invstd[c] * w[c], b[c]};
+    constexpr int kParams = kNormalizeParams<scalar_t>;
+    acc_t values[kParams];
+    normalize_params<scalar_t>(mean[c], invstd[c] * w[c], b[c], values);
     const int64_t base = (i * C + c) * g.S;
     dispatch_bool(epilogue.relu, [&](auto relu) {
       constexpr bool kRelu = decltype(relu)::value;
       if (residual != nullptr) {
         const scalar_t* in[2] = {x_ptr, residual};
-        map_row<scalar_t, 2, 3>(in, y_ptr, base, g.S, values, NormalizeAct<2, kRelu>{}, stream);
+        map_row<scalar_t, 2, kParams>(in, y_ptr, base, g.S, values, NormalizeAct<2, kRelu, kParams>{}, stream);
       } else {
         const scalar_t* in[1] = {x_ptr};
-        map_row<scalar_t, 1, 3>(in, y_ptr, base, g.S, values, NormalizeAct<1, kRelu>{}, stream);
+        map_row<scalar_t, 1, kParams>(in, y_ptr, base, g.S, values, NormalizeAct<1, kRelu, kParams>{}, stream);
       }
     });
   };

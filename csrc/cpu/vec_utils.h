@@ -11,8 +11,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <type_traits>
+#include <vector>
 
 namespace fastbn::cpu {
 inline namespace CPU_CAPABILITY {
@@ -80,6 +82,7 @@ inline void prefetch(const void* p, int64_t bytes_ahead) {
 #endif
 }
 
+
 template <typename scalar_t>
 struct VecIO {
   using acc_t = at::opmath_type<scalar_t>;
@@ -100,6 +103,100 @@ struct VecIO {
       v[1] = hi;
     }
   }
+  // Whether load_any_order / store_any_order differ from load / store: bf16
+  // on AVX2, where widening in order costs an extract, two zero-extensions
+  // and two shifts per step and narrowing a cross-lane permute; unpacking
+  // against zero within the 128-bit halves costs two instructions, and the
+  // narrowing pack undoes its order.
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+  static constexpr bool kAnyOrderDiffers = std::is_same_v<scalar_t, c10::BFloat16>;
+#else
+  static constexpr bool kAnyOrderDiffers = false;
+#endif
+  // A step of kStep values as kVecs vectors whose lanes hold them in an
+  // order of this type's choosing (not memory order); store_any_order writes
+  // such vectors back in memory order. For passes whose every lane gets the
+  // same parameters (a row of one channel), and sums over all lanes.
+  static inline void load_any_order(const scalar_t* p, aVec (&v)[kVecs]) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kAnyOrderDiffers) {
+      prefetch(p, kPrefetchBytes);
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __m256i zero = _mm256_setzero_si256();
+      // bf16 is the upper half of a float: values 0-3, 8-11 and 4-7, 12-15.
+      v[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw));
+      v[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
+      return;
+    }
+#endif
+    load_ahead(p, v);
+  }
+  // The positions within the step of the values in vector k of load_any_order.
+  static inline aVec any_order_positions(int k) {
+    if constexpr (kAnyOrderDiffers) {
+      return k == 0 ? aVec(0, 1, 2, 3, 8, 9, 10, 11) : aVec(4, 5, 6, 7, 12, 13, 14, 15);
+    } else {
+      return aVec::arange(static_cast<acc_t>(k * kAccLanes), acc_t(1));
+    }
+  }
+  static inline void store_any_order(scalar_t* p, const aVec (&v)[kVecs]) {
+    if constexpr (kAnyOrderDiffers) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow_any_order(v));
+    } else {
+      store(p, v);
+    }
+  }
+  // store_any_order, through the non-temporal path when `stream` and p is aligned.
+  static inline void store_any_order(scalar_t* p, const aVec (&v)[kVecs], bool stream) {
+    if (stream && kStreamAlign != 0 && reinterpret_cast<uintptr_t>(p) % kStreamAlign == 0) {
+      stream_any_order(p, v);
+    } else {
+      store_any_order(p, v);
+    }
+  }
+  // Reorders each whole step of per-position values (a channels-last period's
+  // parameters) so that a vector load at offset k * kAccLanes of a step gives
+  // the positions of vector k of load_any_order.
+  static inline void to_any_order(std::vector<acc_t>& values) {
+    if constexpr (kAnyOrderDiffers) {
+      acc_t step[kStep];
+      for (size_t at = 0; at + kStep <= values.size(); at += kStep) {
+        for (int k = 0; k < kVecs; ++k) {
+          acc_t positions[kAccLanes];
+          any_order_positions(k).store(positions);
+          for (int64_t l = 0; l < kAccLanes; ++l) {
+            step[k * kAccLanes + l] = values[at + static_cast<int64_t>(positions[l])];
+          }
+        }
+        std::copy(step, step + kStep, values.begin() + at);
+      }
+    }
+  }
+  static inline void stream_any_order(scalar_t* p, const aVec (&v)[kVecs]) {
+    if constexpr (kAnyOrderDiffers) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), narrow_any_order(v));
+    } else {
+      stream_aligned(p, v);
+    }
+  }
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+  // Rounds each float to the nearest bf16 (ties to even, NaN to a quiet
+  // NaN, as ATen does) and packs the two vectors, lanes in load_any_order's order.
+  static inline __m256i narrow_any_order(const aVec (&v)[kVecs]) {
+    const __m256i rounding = _mm256_set1_epi32(0x7fff);
+    const __m256i one = _mm256_set1_epi32(1);
+    const __m256i nan = _mm256_set1_epi32(0x7fc0);
+    __m256i half[2];
+    for (int k = 0; k < 2; ++k) {
+      const __m256i bits = _mm256_castps_si256(v[k]);
+      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
+      const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, rounding), odd), 16);
+      const __m256 is_nan = _mm256_cmp_ps(v[k], v[k], _CMP_UNORD_Q);
+      half[k] = _mm256_blendv_epi8(rounded, nan, _mm256_castps_si256(is_nan));
+    }
+    return _mm256_packus_epi32(half[0], half[1]);
+  }
+#endif
   // load() for walks in memory order: also prefetches kPrefetchBytes ahead.
   static inline void load_ahead(const scalar_t* p, aVec (&v)[kVecs]) {
     prefetch(p, kPrefetchBytes);
@@ -110,10 +207,31 @@ struct VecIO {
     if constexpr (kVecs == 1) {
       v[0] = aVec::loadu(p, n);
     } else {
-      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(sVec::loadu(p, n));
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(load_partial_16bit(p, n));
       v[0] = lo;
       v[1] = hi;
     }
+  }
+  // n < kStep values of a 16-bit type. ATen's AVX2 form copies them with a
+  // memcpy call into a stack buffer and loads that, a store-forwarding stall:
+  // at every row end of a short-row reduction (bf16 32x2048x7x7: one per 49
+  // values) it was the slowest instruction of the loop. Here: a masked load
+  // of the whole 32-bit pairs, and an odd last value put into its pair's low
+  // half (the masked load never touches memory past the n values).
+  static inline sVec load_partial_16bit(const scalar_t* p, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+    const __m256i pair_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i pairs = _mm256_set1_epi32(static_cast<int32_t>(n / 2));
+    __m256i v = _mm256_maskload_epi32(reinterpret_cast<const int*>(p), _mm256_cmpgt_epi32(pairs, pair_index));
+    if (n % 2 != 0) {
+      uint16_t last;
+      std::memcpy(&last, p + n - 1, sizeof(last));
+      v = _mm256_blendv_epi8(v, _mm256_set1_epi32(last), _mm256_cmpeq_epi32(pairs, pair_index));
+    }
+    return sVec(v);
+#else
+    return sVec::loadu(p, n);  // a masked load with AVX-512
+#endif
   }
   static inline void store(scalar_t* p, const aVec (&v)[kVecs]) {
     if constexpr (kVecs == 1) {
@@ -159,8 +277,27 @@ struct VecIO {
     if constexpr (kVecs == 1) {
       v[0].store(p, n);
     } else {
-      at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p, n);
+      store_partial_16bit(p, n, narrow(v));
     }
+  }
+  // The counterpart of load_partial_16bit (ATen's AVX2 form: a stack buffer
+  // and a memcpy call).
+  static inline void store_partial_16bit(scalar_t* p, int64_t n, const sVec& v) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+    const __m256i pair_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i pairs = _mm256_set1_epi32(static_cast<int32_t>(n / 2));
+    const __m256i bits = v;
+    _mm256_maskstore_epi32(reinterpret_cast<int*>(p), _mm256_cmpgt_epi32(pairs, pair_index), bits);
+    if (n % 2 != 0) {
+      // Lane n - 1 is the low half of pair n / 2.
+      const __m128i half = n - 1 < 8 ? _mm256_castsi256_si128(bits) : _mm256_extracti128_si256(bits, 1);
+      alignas(16) uint16_t lanes[8];
+      _mm_store_si128(reinterpret_cast<__m128i*>(lanes), half);
+      std::memcpy(p + n - 1, &lanes[(n - 1) % 8], sizeof(uint16_t));
+    }
+#else
+    v.store(p, n);
+#endif
   }
 };
 
@@ -304,7 +441,7 @@ struct RowWelford {
 #pragma GCC unroll 4
         for (int s = 0; s < kStepsPerRound; ++s) {
           aVec v[IO::kVecs];
-          IO::load_ahead(p + i + s * IO::kStep, v);
+          IO::load_any_order(p + i + s * IO::kStep, v);  // all lanes merge alike
 #pragma GCC unroll 2
           for (int k = 0; k < IO::kVecs; ++k) {
             update(mean[s * IO::kVecs + k], m2[s * IO::kVecs + k], v[k] - shift, gain);
