@@ -401,14 +401,21 @@ void map_periods(
   }
 }
 
-// Most parameter registers map_short_period may hold; the rest of the
-// vector registers (32 with AVX-512, 16 otherwise) carry the inputs and
-// results. Beyond this the compiler would spill them to the stack.
+// Most parameter registers map_short_period may hold for kIn inputs; the
+// rest of the vector registers (32 with AVX-512, 16 otherwise) carry the
+// inputs, the result and a temporary. Beyond this the compiler would spill
+// them to the stack. With AVX2, fp32 passes of one input hold 12 (the
+// normalisation of C = 6, 12, 24 or 32 channels: 3 parameters a step for 3
+// or 4 steps; fp32 channels_last 32x32x32x32 eval at 2 threads, 132-138 us
+// through map_periods, 98 us so); 16-bit types, two vectors a step, 8.
+template <typename scalar_t, int kIn>
+constexpr int max_param_registers() {
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr int kMaxParamRegisters = 18;
+  return 18;
 #else
-constexpr int kMaxParamRegisters = 8;
+  return VecIO<scalar_t>::kVecs == 1 ? 16 - 2 * (kIn + 1) : 8;
 #endif
+}
 
 // map_run over the channels-last values [begin, end) (begin a multiple of
 // KS * kStep) for a short base period of KS steps (the channel pattern repeats
@@ -493,7 +500,7 @@ bool try_map_short_period(
   bool done = false;
   const auto run = [&](auto ks) {
     constexpr int KS = decltype(ks)::value;
-    if constexpr (KS * kRegsPerStep <= kMaxParamRegisters) {
+    if constexpr (KS * kRegsPerStep <= max_param_registers<scalar_t, kIn>()) {
       map_short_period<KS, scalar_t, kIn, kParams>(in, out, begin, end, periodic_params, op, stream);
       done = true;
     }
