@@ -170,6 +170,43 @@ def test_input_gradient_only(device):
     assert w.grad is None and b.grad is None
 
 
+@pytest.mark.parametrize(
+    "shape,fmt",
+    [
+        ((3, 4, 4, 8), "contiguous"),  # rows of whole vector steps
+        ((3, 5, 5, 5), "contiguous"),  # short rows: one flat walk
+        ((2, 3, 600), "contiguous"),  # long rows
+        ((4, 64, 3, 5), "channels_last"),  # periods with parameters in memory
+        ((4, 4, 5, 5), "channels_last"),  # periods with parameters in registers
+    ],
+)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_non_finite_inputs_propagate_like_torch(device, shape, fmt, dtype):
+    """NaN, +inf and -inf in x come out of the evaluation forward where
+    torch's do (the 16-bit narrowing must keep a NaN a NaN, whatever its
+    payload), and the finite values around them are unharmed."""
+    base = torch.randn(shape, dtype=torch.float64)
+    flat = base.view(-1)
+    picks = torch.randperm(flat.numel())[:21]
+    flat[picks[0::3]] = float("nan")
+    flat[picks[1::3]] = float("inf")
+    flat[picks[2::3]] = -float("inf")
+    x = base.to(dtype).to(device)
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b, rm, rv = channel_params(shape[1], pdtype, device)
+    ours = fastbn.batch_norm(x, rm, rv, w, b, training=False)
+    theirs = F.batch_norm(x, rm, rv, w, b, training=False)
+    for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(kind(ours), kind(theirs)), kind.__name__
+    assert torch.isnan(ours).sum() >= 7
+    exact = fastbn.reference.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double(),
+                                        training=False)
+    finite = torch.isfinite(exact)
+    assert_close_to_reference(ours[finite], exact[finite], dtype, "finite values")
+
+
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 def test_large_offset_statistics_are_accurate(device, fmt):
     """x = 1e4 + randn in fp32: Welford statistics, no E[x^2] - E[x]^2 cancellation.

@@ -82,7 +82,6 @@ inline void prefetch(const void* p, int64_t bytes_ahead) {
 #endif
 }
 
-
 template <typename scalar_t>
 struct VecIO {
   using acc_t = at::opmath_type<scalar_t>;
@@ -180,8 +179,9 @@ struct VecIO {
     }
   }
 #if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
-  // Rounds each float to the nearest bf16 (ties to even, NaN to a quiet
-  // NaN, as ATen does) and packs the two vectors, lanes in load_any_order's order.
+  // Rounds each float to the nearest bf16 (ties to even; NaN to the quiet
+  // NaN 0x7fc0, as c10::BFloat16's own conversion) and packs the two
+  // vectors, lanes in load_any_order's order.
   static inline __m256i narrow_any_order(const aVec (&v)[kVecs]) {
     const __m256i rounding = _mm256_set1_epi32(0x7fff);
     const __m256i one = _mm256_set1_epi32(1);
