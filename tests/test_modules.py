@@ -161,3 +161,22 @@ def test_cpu_output_pool_reuses_and_releases_blocks():
     del y2
     fastbn.empty_cache()
     assert fastbn.cache_info()["cached_bytes"] == 0
+
+
+def test_cpu_output_pool_hands_out_the_block_freed_last():
+    """Of several cached blocks of one size the pool reuses the one freed
+    last, which is likeliest still in the cache (handing out the oldest made
+    outputs rotate through every block and miss the cache on each write)."""
+    fastbn.empty_cache()
+    x = torch.randn(8, 16, 64, 64)  # 2 MiB: pooled
+    for freed_last in (2, 0, 1):
+        held = [fastbn.batch_norm(x, None, None, training=True) for _ in range(3)]
+        pointers = [y.data_ptr() for y in held]
+        assert len(set(pointers)) == 3
+        for i in [j for j in range(3) if j != freed_last] + [freed_last]:
+            held[i] = None  # frees output i
+        assert fastbn.cache_info()["cached_bytes"] >= 3 * x.numel() * x.element_size()
+        y = fastbn.batch_norm(x, None, None, training=True)
+        assert y.data_ptr() == pointers[freed_last]
+        del y
+    fastbn.empty_cache()

@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <string>
 
 #include <sys/mman.h>
@@ -51,9 +52,16 @@ c10::DataPtr OutputPool::allocate(size_t nbytes) {
   size_t block_size = size;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    // Reuse a cached block of this size, or at most 1/8 larger.
+    // Reuse a cached block of this size, or at most 1/8 larger: of the
+    // blocks of the best-fitting size, the one freed last (a multimap keeps
+    // equal keys in insertion order), which is likeliest still in the cache.
+    // Taking the oldest instead made outputs rotate through every block of
+    // that size; after a training step had cached several, fp32
+    // 1024x16x10x10 eval at 2 threads took 687 us against 471 us (torch 469-589)
+    // on an EPYC with 32 MiB of L3, as each output's writes missed the cache.
     auto it = cached_.lower_bound(size);
     if (it != cached_.end() && it->first <= size + size / 8) {
+      it = std::prev(cached_.upper_bound(it->first));
       block_size = it->first;
       ptr = it->second;
       cached_bytes_ -= block_size;
