@@ -58,13 +58,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "cpu_caches",
       [] {
         const auto& caches = fastbn::cpu::machine_cache_sizes();
-        return std::make_tuple(caches.l2_per_core, caches.llc, fastbn::cpu::active_stream_min_bytes());
+        return std::make_tuple(caches.l2_per_core, caches.llc, fastbn::cpu::active_stream_min_bytes(),
+                               fastbn::cpu::active_prefetch_min_bytes());
       },
-      "(L2 bytes per core, last-level cache bytes, streaming threshold in bytes moved per pass now).");
+      "(L2 bytes per core, last-level cache bytes, streaming threshold in bytes moved per pass now, "
+      "software-prefetch threshold in bytes moved per pass now).");
   m.def(
       "stream_min_bytes",
       [](int64_t l2_per_core, int64_t llc, int64_t threads) {
         return fastbn::cpu::stream_min_bytes(fastbn::cpu::CacheSizes{l2_per_core, llc}, threads);
       },
       "The streaming rule for the given cache sizes and thread count (tests).");
+  m.def(
+      "prefetch_min_bytes",
+      [](int64_t l2_per_core, int64_t llc) {
+        return fastbn::cpu::prefetch_min_bytes(fastbn::cpu::CacheSizes{l2_per_core, llc});
+      },
+      "The software-prefetch rule for the given cache sizes (tests).");
 }

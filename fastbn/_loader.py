@@ -79,7 +79,7 @@ def build_info() -> dict:
         "backends": [key for key in ("CPU", "CUDA") if _has_kernel(key)],
         "cpu_isa": cpu_isa,
         "cpu_isa_built": list(cpu_isa_built),
-        "cpu_caches": dict(zip(("l2_per_core_bytes", "llc_bytes", "stream_min_bytes"), module.cpu_caches())),
+        "cpu_caches": dict(zip(("l2_per_core_bytes", "llc_bytes", "stream_min_bytes", "prefetch_min_bytes"), module.cpu_caches())),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),

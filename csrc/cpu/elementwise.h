@@ -85,13 +85,20 @@ bool stream_output(const Geometry& g, int inputs = 1) {
   return stream_pass((inputs + 1) * g.numel() * static_cast<int64_t>(sizeof(scalar_t)));
 }
 
+// Whether that pass prefetches its inputs in software (prefetch_pass, see
+// streaming.cpp): not when they are likely in the cache already.
+template <typename scalar_t>
+bool prefetch_input(const Geometry& g, int inputs = 1) {
+  return prefetch_pass((inputs + 1) * g.numel() * static_cast<int64_t>(sizeof(scalar_t)));
+}
+
 // The whole steps of a row with one set of parameters: a loop of its own,
-// everything in registers, the store kind fixed. Through map_run's
-// per-step parameter callback (whose captures the compiler reloads after
-// every vector store) it took about 20 instructions per AVX2 vector, which
+// everything in registers, the store kind and the prefetching fixed.
+// Through map_run's per-step parameter callback (whose captures the compiler
+// reloads after every vector store) it took about 20 instructions per AVX2 vector, which
 // made a pass over data in the last-level cache instruction-bound: fp32
 // 16x64x16x16 eval 2.5x the time of torch.mul over the same bytes.
-template <bool kStream, typename scalar_t, int kIn, int kParams, typename Op>
+template <bool kStream, bool kPrefetch, typename scalar_t, int kIn, int kParams, typename Op>
 inline void map_steps(
     const scalar_t* const (&in)[kIn], scalar_t* out, int64_t steps,
     const Vectorized<at::opmath_type<scalar_t>> (&params)[kParams], const Op& op) {
@@ -111,7 +118,7 @@ inline void map_steps(
     const int64_t j = step * IO::kStep;
     aVec v[kIn][IO::kVecs];
     for (int i = 0; i < kIn; ++i) {
-      IO::load_any_order(src[i] + j, v[i]);
+      IO::template load_any_order<kPrefetch>(src[i] + j, v[i]);
     }
     aVec result[IO::kVecs];
     for (int k = 0; k < IO::kVecs; ++k) {
@@ -130,11 +137,11 @@ inline void map_steps(
 }
 
 // op over one channels-first row (the `len` values from `base`), whose
-// parameters are the same for all its values.
+// parameters are the same for all its values; `prefetch`: prefetch_input.
 template <typename scalar_t, int kIn, int kParams, typename Op>
 inline void map_row(
     const scalar_t* const (&in)[kIn], scalar_t* out, int64_t base, int64_t len,
-    const at::opmath_type<scalar_t> (&values)[kParams], const Op& op, bool stream) {
+    const at::opmath_type<scalar_t> (&values)[kParams], const Op& op, bool stream, bool prefetch) {
   using IO = VecIO<scalar_t>;
   using aVec = typename IO::aVec;
   aVec prm[kParams];
@@ -165,9 +172,11 @@ inline void map_row(
   // Streaming stores need kStreamAlign-aligned addresses: one vector (AVX2
   // and AVX-512 alike), so after the head every step is aligned.
   if (stream && kStreamAlign == static_cast<int64_t>(IO::kStep * sizeof(scalar_t))) {
-    map_steps<true, scalar_t, kIn, kParams>(at, out + base + head, steps, prm, op);
+    map_steps<true, true, scalar_t, kIn, kParams>(at, out + base + head, steps, prm, op);
+  } else if (prefetch) {
+    map_steps<false, true, scalar_t, kIn, kParams>(at, out + base + head, steps, prm, op);
   } else {
-    map_steps<false, scalar_t, kIn, kParams>(at, out + base + head, steps, prm, op);
+    map_steps<false, false, scalar_t, kIn, kParams>(at, out + base + head, steps, prm, op);
   }
   const int64_t done = head + steps * IO::kStep;
   if (done < len) {
@@ -206,7 +215,7 @@ inline void map_partial_step(
 // map_row call plus one blended step (torch: 760 us); per-step bookkeeping
 // through map_run's parameter callback, the first form of this walk, cost
 // about 20 instructions per vector.
-template <bool kStream, typename scalar_t, int kIn, int kParams, typename Op>
+template <bool kStream, bool kPrefetch, typename scalar_t, int kIn, int kParams, typename Op>
 void map_rows_flat_walk(
     const scalar_t* const (&inputs)[kIn], scalar_t* out, int64_t r0, int64_t r1, int64_t S, int64_t C,
     const at::opmath_type<scalar_t>* const (&params)[kParams], const Op& op) {
@@ -249,7 +258,7 @@ void map_rows_flat_walk(
   for (; pos + IO::kStep <= end; pos += IO::kStep) {
     aVec v[kIn][IO::kVecs];
     for (int i = 0; i < kIn; ++i) {
-      IO::load_any_order(in[i] + pos, v[i]);
+      IO::template load_any_order<kPrefetch>(in[i] + pos, v[i]);
     }
     aVec result[IO::kVecs];
     if (pos + IO::kStep <= row_end) {
@@ -295,11 +304,13 @@ void map_rows_flat_walk(
 template <typename scalar_t, int kIn, int kParams, typename Op>
 void map_rows_flat(
     const scalar_t* const (&in)[kIn], scalar_t* out, int64_t r0, int64_t r1, const Geometry& g,
-    const at::opmath_type<scalar_t>* const (&params)[kParams], const Op& op, bool stream) {
+    const at::opmath_type<scalar_t>* const (&params)[kParams], const Op& op, bool stream, bool prefetch) {
   if (stream) {
-    map_rows_flat_walk<true, scalar_t, kIn, kParams>(in, out, r0, r1, g.S, g.C, params, op);
+    map_rows_flat_walk<true, true, scalar_t, kIn, kParams>(in, out, r0, r1, g.S, g.C, params, op);
+  } else if (prefetch) {
+    map_rows_flat_walk<false, true, scalar_t, kIn, kParams>(in, out, r0, r1, g.S, g.C, params, op);
   } else {
-    map_rows_flat_walk<false, scalar_t, kIn, kParams>(in, out, r0, r1, g.S, g.C, params, op);
+    map_rows_flat_walk<false, false, scalar_t, kIn, kParams>(in, out, r0, r1, g.S, g.C, params, op);
   }
 }
 
@@ -316,7 +327,7 @@ inline void map_partial_step_any_order(
   aVec v[kIn][IO::kVecs];
   for (int i = 0; i < kIn; ++i) {
     std::copy(in[i] + pos, in[i] + pos + n, buffer);
-    IO::load_any_order(buffer, v[i]);
+    IO::template load_any_order<false>(buffer, v[i]);
   }
   aVec result[IO::kVecs];
   for (int k = 0; k < IO::kVecs; ++k) {
@@ -362,7 +373,7 @@ int64_t paired_periods(int64_t whole, int64_t K) {
 }
 
 // op over the channels-last periods p0 <= p < p1 of K values (the last may
-// end at `total`); `periodic_params[i]` holds K values, one per position of
+// end at `total`), prefetching the inputs when kPrefetch (prefetch_input); `periodic_params[i]` holds K values, one per position of
 // the period (in L1 for the periods channel_map makes). Walks each period in
 // memory order, loading each step's parameters beside its input. The arrays are
 // copied into locals first: through the references the compiler would reload
@@ -373,7 +384,7 @@ int64_t paired_periods(int64_t whole, int64_t K) {
 // 32x96x24x24 743 us -> 482 us (torch 492 and 475 in those runs), bf16
 // 8192x1024 3566 us -> 1752 us (torch 2438 and 2325). Whole periods go in
 // pairs (paired_periods).
-template <bool kStream, typename scalar_t, int kIn, int kParams, typename Op>
+template <bool kStream, bool kPrefetch, typename scalar_t, int kIn, int kParams, typename Op>
 void map_periods_walk(
     const scalar_t* const (&inputs)[kIn], scalar_t* out, int64_t K, int64_t total, int64_t p0,
     int64_t p1, const at::opmath_type<scalar_t>* const (&periodic_params)[kParams], const Op& op) {
@@ -402,13 +413,18 @@ void map_periods_walk(
       aVec v[kRows][kIn][IO::kVecs];
       for (int r = 0; r < kRows; ++r) {
         for (int i = 0; i < kIn; ++i) {
-          IO::load_any_order(in[i] + base + r * row_stride + j, v[r][i]);
+          IO::template load_any_order<kPrefetch>(in[i] + base + r * row_stride + j, v[r][i]);
         }
       }
       aVec result[kRows][IO::kVecs];
       for (int k = 0; k < IO::kVecs; ++k) {
         aVec prm[kParams];
         params_at(j)(k, prm);
+        if constexpr (kRows > 1) {
+          for (int i = 0; i < kParams; ++i) {
+            keep_in_register(prm[i]);
+          }
+        }
         for (int r = 0; r < kRows; ++r) {
           aVec args[kIn];
           for (int i = 0; i < kIn; ++i) {
@@ -445,11 +461,13 @@ template <typename scalar_t, int kIn, int kParams, typename Op>
 void map_periods(
     const scalar_t* const (&in)[kIn], scalar_t* out, int64_t K, int64_t total, int64_t p0,
     int64_t p1, const at::opmath_type<scalar_t>* const (&periodic_params)[kParams], const Op& op,
-    bool stream) {
+    bool stream, bool prefetch) {
   if (stream) {
-    map_periods_walk<true, scalar_t, kIn, kParams>(in, out, K, total, p0, p1, periodic_params, op);
+    map_periods_walk<true, true, scalar_t, kIn, kParams>(in, out, K, total, p0, p1, periodic_params, op);
+  } else if (prefetch) {
+    map_periods_walk<false, true, scalar_t, kIn, kParams>(in, out, K, total, p0, p1, periodic_params, op);
   } else {
-    map_periods_walk<false, scalar_t, kIn, kParams>(in, out, K, total, p0, p1, periodic_params, op);
+    map_periods_walk<false, false, scalar_t, kIn, kParams>(in, out, K, total, p0, p1, periodic_params, op);
   }
 }
 
@@ -474,7 +492,7 @@ constexpr int max_param_registers() {
 // every KS * kStep values): the parameters of the whole period stay in
 // registers and the values are walked in memory order, so each output costs
 // one load and one store, where map_periods also loads parameters.
-template <int KS, typename scalar_t, int kIn, int kParams, typename Op>
+template <int KS, bool kPrefetch, typename scalar_t, int kIn, int kParams, typename Op>
 void map_short_period(
     const scalar_t* const (&inputs)[kIn], scalar_t* out, int64_t begin, int64_t end,
     const at::opmath_type<scalar_t>* const (&periodic_params)[kParams], const Op& op,
@@ -498,7 +516,7 @@ void map_short_period(
   const auto step = [&](int64_t pos, int s) {
     aVec v[kIn][IO::kVecs];
     for (int i = 0; i < kIn; ++i) {
-      IO::load_any_order(in[i] + pos, v[i]);
+      IO::template load_any_order<kPrefetch>(in[i] + pos, v[i]);
     }
     aVec result[IO::kVecs];
     for (int k = 0; k < IO::kVecs; ++k) {
@@ -547,13 +565,15 @@ template <typename scalar_t, int kIn, int kParams, typename Op>
 bool try_map_short_period(
     int64_t steps, const scalar_t* const (&in)[kIn], scalar_t* out, int64_t begin, int64_t end,
     const at::opmath_type<scalar_t>* const (&periodic_params)[kParams], const Op& op,
-    bool stream) {
+    bool stream, bool prefetch) {
   constexpr int kRegsPerStep = VecIO<scalar_t>::kVecs * kParams;
   bool done = false;
   const auto run = [&](auto ks) {
     constexpr int KS = decltype(ks)::value;
     if constexpr (KS * kRegsPerStep <= max_param_registers<scalar_t, kIn>()) {
-      map_short_period<KS, scalar_t, kIn, kParams>(in, out, begin, end, periodic_params, op, stream);
+      dispatch_bool(stream || prefetch, [&](auto kPrefetch) {
+        map_short_period<KS, kPrefetch, scalar_t, kIn, kParams>(in, out, begin, end, periodic_params, op, stream);
+      });
       done = true;
     }
   };
@@ -584,6 +604,7 @@ void channel_map(
   using acc_t = typename IO::acc_t;
 
   const bool stream = stream_output<scalar_t>(g, kIn);
+  const bool prefetch = prefetch_input<scalar_t>(g, kIn);
   // The channel pattern repeats every `pattern` values: every row of C in
   // channels-last, every image of C * S in channels-first. Small images are
   // walked like channels-last periods (per-position parameters, full vectors
@@ -598,7 +619,7 @@ void channel_map(
     const bool flat = g.S < kShortRow && g.S >= IO::kStep && g.S % IO::kStep != 0;
     parallel_items(rows, g.S, [&](int64_t begin, int64_t end) {
       if (flat) {
-        map_rows_flat<scalar_t, kIn, kParams>(in, out, begin, end, g, params, op, stream);
+        map_rows_flat<scalar_t, kIn, kParams>(in, out, begin, end, g, params, op, stream, prefetch);
       } else {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t c = r % g.C;
@@ -606,7 +627,7 @@ void channel_map(
           for (int i = 0; i < kParams; ++i) {
             values[i] = params[i][c];
           }
-          map_row<scalar_t, kIn, kParams>(in, out, r * g.S, g.S, values, op, stream);
+          map_row<scalar_t, kIn, kParams>(in, out, r * g.S, g.S, values, op, stream, prefetch);
         }
       }
       stream_fence();
@@ -626,8 +647,8 @@ void channel_map(
   const int64_t steps = base_period_steps<scalar_t>(pattern);
   parallel_items(periods, K, [&](int64_t begin, int64_t end) {
     if (!try_map_short_period<scalar_t, kIn, kParams>(
-            steps, in, out, begin * K, std::min(total, end * K), param_ptr, op, stream)) {
-      map_periods<scalar_t, kIn, kParams>(in, out, K, total, begin, end, param_ptr, op, stream);
+            steps, in, out, begin * K, std::min(total, end * K), param_ptr, op, stream, prefetch)) {
+      map_periods<scalar_t, kIn, kParams>(in, out, K, total, begin, end, param_ptr, op, stream, prefetch);
     }
     stream_fence();
   });

@@ -56,6 +56,7 @@ bool train_fused(const Geometry& g, const scalar_t* x_ptr, const scalar_t* resid
   const int64_t C = g.C;
   const int64_t n = g.reduce_size();
   const bool stream = stream_output<scalar_t>(g, residual != nullptr ? 2 : 1);
+  const bool prefetch = prefetch_input<scalar_t>(g, residual != nullptr ? 2 : 1);
   // The output of the rows of channel c in image i, once its statistics are known.
   const auto normalize_row = [&](int64_t i, int64_t c) {
     constexpr int kParams = kNormalizeParams<scalar_t>;
@@ -66,10 +67,10 @@ bool train_fused(const Geometry& g, const scalar_t* x_ptr, const scalar_t* resid
       constexpr bool kRelu = decltype(relu)::value;
       if (residual != nullptr) {
         const scalar_t* in[2] = {x_ptr, residual};
-        map_row<scalar_t, 2, kParams>(in, y_ptr, base, g.S, values, NormalizeAct<2, kRelu, kParams>{}, stream);
+        map_row<scalar_t, 2, kParams>(in, y_ptr, base, g.S, values, NormalizeAct<2, kRelu, kParams>{}, stream, prefetch);
       } else {
         const scalar_t* in[1] = {x_ptr};
-        map_row<scalar_t, 1, kParams>(in, y_ptr, base, g.S, values, NormalizeAct<1, kRelu, kParams>{}, stream);
+        map_row<scalar_t, 1, kParams>(in, y_ptr, base, g.S, values, NormalizeAct<1, kRelu, kParams>{}, stream, prefetch);
       }
     });
   };
@@ -145,19 +146,19 @@ void backward_block(const Geometry& g, const GradInput<scalar_t>& d, const scala
         const acc_t p[4] = {mu[c], sum_dy[c] * inv_n, inv[c] * inv[c] * sum_dy_xmu[c] * inv_n, scale};
         if constexpr (kMaskedInput) {
           const scalar_t* in[3] = {d_in, d.y, x_ptr};
-          map_row<scalar_t, 3, 4>(in, dx_ptr, base, g.S, p, GradInputTrain<true>{}, stream);
+          map_row<scalar_t, 3, 4>(in, dx_ptr, base, g.S, p, GradInputTrain<true>{}, stream, prefetch);
         } else {
           const scalar_t* in[2] = {d_in, x_ptr};
-          map_row<scalar_t, 2, 4>(in, dx_ptr, base, g.S, p, GradInputTrain<false>{}, stream);
+          map_row<scalar_t, 2, 4>(in, dx_ptr, base, g.S, p, GradInputTrain<false>{}, stream, prefetch);
         }
       } else {
         const acc_t p_eval[1] = {scale};
         if constexpr (kMaskedInput) {
           const scalar_t* in[2] = {d_in, d.y};
-          map_row<scalar_t, 2, 1>(in, dx_ptr, base, g.S, p_eval, GradInputEval<true>{}, stream);
+          map_row<scalar_t, 2, 1>(in, dx_ptr, base, g.S, p_eval, GradInputEval<true>{}, stream, prefetch);
         } else {
           const scalar_t* in[1] = {d_in};
-          map_row<scalar_t, 1, 1>(in, dx_ptr, base, g.S, p_eval, GradInputEval<false>{}, stream);
+          map_row<scalar_t, 1, 1>(in, dx_ptr, base, g.S, p_eval, GradInputEval<false>{}, stream, prefetch);
         }
       }
     }
@@ -174,6 +175,7 @@ bool backward_fused(const Geometry& g, const GradInput<scalar_t>& d, const scala
     return false;
   }
   const bool stream = stream_output<scalar_t>(g, inputs);
+  const bool prefetch = prefetch_input<scalar_t>(g, inputs);
   // (d itself is read back from the cache within its block: never streamed.)
   dispatch_grad_source(GradSource{d.y != nullptr, d.d_out != nullptr}, [&](auto masked, auto write) {
     constexpr bool kMasked = decltype(masked)::value, kWrite = decltype(write)::value;

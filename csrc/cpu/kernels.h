@@ -89,6 +89,14 @@ int64_t stream_min_bytes(const CacheSizes& caches, int64_t threads);
 int64_t active_stream_min_bytes();
 // Whether a pass moving `bytes_moved` bytes streams its output.
 bool stream_pass(int64_t bytes_moved);
+// The rule (see streaming.cpp): an elementwise pass that moves at least this
+// many bytes prefetches its inputs in software; smaller ones are taken to
+// find them in the cache.
+int64_t prefetch_min_bytes(const CacheSizes& caches);
+// The threshold in use: FASTBN_CPU_PREFETCH_MIN_MB if set, else the rule.
+int64_t active_prefetch_min_bytes();
+// Whether a pass moving `bytes_moved` bytes prefetches its inputs.
+bool prefetch_pass(int64_t bytes_moved);
 // Whether the CPU has AVX512_BF16 (the AVX-512 variant uses it only then).
 extern const bool cpu_has_avx512_bf16;
 

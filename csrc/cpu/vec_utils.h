@@ -66,7 +66,9 @@ inline void stream_fence() {
 // Software prefetch distance for loads that walk memory in order. On the
 // machines measured, a core's hardware prefetchers keep too few lines in
 // flight for it to read at the memory bandwidth; asking for the line 4 KiB
-// ahead raises a core's streaming read rate by about 1.7x.
+// ahead raises a core's streaming read rate by about 1.7x. From the cache it
+// costs instead: the elementwise passes skip it for inputs likely cached
+// (prefetch_pass in streaming.cpp; the loads' kPrefetch = false).
 constexpr int64_t kPrefetchBytes = 4096;
 
 // Prefetches the line `bytes_ahead` past p for reading. The address is formed
@@ -79,6 +81,26 @@ inline void prefetch(const void* p, int64_t bytes_ahead) {
 #else
   (void)p;
   (void)bytes_ahead;
+#endif
+}
+
+// Makes the compiler hold v in a register from here on: a parameter vector
+// loaded once for several inputs is otherwise re-read from memory at each
+// use (folded into the arithmetic), spending load slots the walks are bound by.
+template <typename T>
+inline void keep_in_register(Vectorized<T>& v) {
+#if defined(__GNUC__) && (defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512))
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
+#if defined(CPU_CAPABILITY_AVX512)
+  std::conditional_t<std::is_same_v<T, float>, __m512, __m512d> raw = v;
+  asm("" : "+v"(raw));
+#else
+  std::conditional_t<std::is_same_v<T, float>, __m256, __m256d> raw = v;
+  asm("" : "+x"(raw));
+#endif
+  v = raw;
+#else
+  (void)v;
 #endif
 }
 
@@ -116,10 +138,13 @@ struct VecIO {
   // order of this type's choosing (not memory order); store_any_order writes
   // such vectors back in memory order. For passes whose every lane gets the
   // same parameters (a row of one channel), and sums over all lanes.
+  template <bool kPrefetch = true>
   static inline void load_any_order(const scalar_t* p, aVec (&v)[kVecs]) {
 #if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
     if constexpr (kAnyOrderDiffers) {
-      prefetch(p, kPrefetchBytes);
+      if constexpr (kPrefetch) {
+        prefetch(p, kPrefetchBytes);
+      }
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
       const __m256i zero = _mm256_setzero_si256();
       // bf16 is the upper half of a float: values 0-3, 8-11 and 4-7, 12-15.
@@ -128,7 +153,7 @@ struct VecIO {
       return;
     }
 #endif
-    load_ahead(p, v);
+    load_ahead<kPrefetch>(p, v);
   }
   // The positions within the step of the values in vector k of load_any_order.
   static inline aVec any_order_positions(int k) {
@@ -198,8 +223,11 @@ struct VecIO {
   }
 #endif
   // load() for walks in memory order: also prefetches kPrefetchBytes ahead.
+  template <bool kPrefetch = true>
   static inline void load_ahead(const scalar_t* p, aVec (&v)[kVecs]) {
-    prefetch(p, kPrefetchBytes);
+    if constexpr (kPrefetch) {
+      prefetch(p, kPrefetchBytes);
+    }
     load(p, v);
   }
   // Loads n < kStep elements; the other lanes are zero.
