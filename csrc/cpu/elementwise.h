@@ -95,9 +95,10 @@ bool prefetch_input(const Geometry& g, int inputs = 1) {
 // The whole steps of a row with one set of parameters: a loop of its own,
 // everything in registers, the store kind and the prefetching fixed.
 // Through map_run's per-step parameter callback (whose captures the compiler
-// reloads after every vector store) it took about 20 instructions per AVX2 vector, which
-// made a pass over data in the last-level cache instruction-bound: fp32
-// 16x64x16x16 eval 2.5x the time of torch.mul over the same bytes.
+// reloads after every vector store) it took about 20 instructions per AVX2
+// vector, which made a pass over data in the last-level cache
+// instruction-bound: fp32 16x64x16x16 eval 2.5x the time of torch.mul over
+// the same bytes.
 template <bool kStream, bool kPrefetch, typename scalar_t, int kIn, int kParams, typename Op>
 inline void map_steps(
     const scalar_t* const (&in)[kIn], scalar_t* out, int64_t steps,
@@ -373,11 +374,12 @@ int64_t paired_periods(int64_t whole, int64_t K) {
 }
 
 // op over the channels-last periods p0 <= p < p1 of K values (the last may
-// end at `total`), prefetching the inputs when kPrefetch (prefetch_input); `periodic_params[i]` holds K values, one per position of
-// the period (in L1 for the periods channel_map makes). Walks each period in
-// memory order, loading each step's parameters beside its input. The arrays are
-// copied into locals first: through the references the compiler would reload
-// them after every store (vector types may alias anything).
+// end at `total`), prefetching the inputs when kPrefetch (prefetch_input);
+// `periodic_params[i]` holds K values, one per position of the period (in L1
+// for the periods channel_map makes). Walks each period in memory order,
+// loading each step's parameters beside its input. The arrays are copied
+// into locals first: through the references the compiler would reload them
+// after every store (vector types may alias anything).
 // Measured on an AVX2 machine (2 threads, eval) against the earlier walk,
 // which loaded the parameters once per four periods and went down the four
 // side by side, on `python -m fastbn.bench` at 2 threads: fp32 channels_last

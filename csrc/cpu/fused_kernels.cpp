@@ -67,10 +67,12 @@ bool train_fused(const Geometry& g, const scalar_t* x_ptr, const scalar_t* resid
       constexpr bool kRelu = decltype(relu)::value;
       if (residual != nullptr) {
         const scalar_t* in[2] = {x_ptr, residual};
-        map_row<scalar_t, 2, kParams>(in, y_ptr, base, g.S, values, NormalizeAct<2, kRelu, kParams>{}, stream, prefetch);
+        map_row<scalar_t, 2, kParams>(in, y_ptr, base, g.S, values, NormalizeAct<2, kRelu, kParams>{}, stream,
+                                      prefetch);
       } else {
         const scalar_t* in[1] = {x_ptr};
-        map_row<scalar_t, 1, kParams>(in, y_ptr, base, g.S, values, NormalizeAct<1, kRelu, kParams>{}, stream, prefetch);
+        map_row<scalar_t, 1, kParams>(in, y_ptr, base, g.S, values, NormalizeAct<1, kRelu, kParams>{}, stream,
+                                      prefetch);
       }
     });
   };
