@@ -1,8 +1,9 @@
 """The CPU kernels' instruction-set variants (csrc/cpu/kernels.h, cpu_isa.cpp):
 the variant in use and the FASTBN_CPU_ISA cap, correctness under every variant
-this CPU runs (forced by the cap), and no AVX-512 instruction outside the
+this CPU runs (forced by the cap), no AVX-512 instruction outside the
 AVX-512 variant's functions (the weak-symbol trap: such code would be run on
-AVX2-only machines and die with SIGILL)."""
+AVX2-only machines and die with SIGILL), and the elementwise walks' software
+prefetch where they were built to have it."""
 from __future__ import annotations
 
 import os
@@ -133,3 +134,42 @@ def test_no_avx512_instruction_outside_the_avx512_variant():
     assert variant_evex > 0, "found no AVX-512 code in the AVX-512 variant: the check would see nothing"
     assert not offenders, "AVX-512 instructions outside the AVX-512 variant:\n" + "\n".join(
         f"{f}: {insn}" for f, insn in list(offenders.items())[:20])
+
+
+# A walk instantiated to prefetch (kPrefetch, the second template argument of
+# the elementwise walks) must issue prefetch instructions, one instantiated not
+# to must not: GCC 12 silently drops the __builtin_prefetch of a plain inline
+# function inlined into a forced-inline one (see FASTBN_STEP_INLINE in
+# csrc/cpu/vec_utils.h), which would leave every pass from memory without it.
+PREFETCH_WALK = re.compile(
+    r"::(?:map_rows_flat_walk|map_periods_walk)<(?:true|false), (true|false),|::map_short_period<\d+, (true|false),")
+
+
+def test_walks_built_to_prefetch_issue_prefetches():
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed")
+    library = _loader.load()["library"]
+    out = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", library], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    prefetches: dict[str, int] = {}
+    wants: dict[str, bool] = {}
+    function = None
+    for line in out.stdout.splitlines():
+        if line.endswith(">:"):
+            name = line[line.index("<") + 1: -2]
+            # The walks themselves (not their lambdas, nor PLT stubs).
+            match = PREFETCH_WALK.search(name) if "@plt" not in name and "{lambda" not in name else None
+            function = name if match else None
+            if match:
+                wants[name] = (match.group(1) or match.group(2)) == "true"
+                prefetches[name] = 0
+        elif function is not None and "\tprefetch" in line:
+            prefetches[function] += 1
+    assert any(wants.values()) and not all(wants.values()), (
+        f"found {len(wants)} out-of-line walks, not both kinds: the check would see nothing")
+    lost = [name for name, want in wants.items() if want and prefetches[name] == 0]
+    stray = [name for name, want in wants.items() if not want and prefetches[name] > 0]
+    assert not lost, f"{len(lost)} walks built to prefetch issue no prefetch, e.g.:\n" + "\n".join(lost[:5])
+    assert not stray, f"{len(stray)} walks built not to prefetch issue prefetches, e.g.:\n" + "\n".join(stray[:5])

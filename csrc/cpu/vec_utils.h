@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/macros/Macros.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -71,10 +72,23 @@ inline void stream_fence() {
 // (prefetch_pass in streaming.cpp; the loads' kPrefetch = false).
 constexpr int64_t kPrefetchBytes = 4096;
 
+// GCC 12 left the per-step helpers of the AVX-512 variant out of line (a
+// call per vector step, which clobbers every vector register the walk
+// keeps); they are forced inline there. Forcing one level only moved the
+// limit to the next (the 16-bit loads, then load_ahead and store), and GCC
+// 12 drops the __builtin_prefetch of a plain inline function inlined into a
+// forced one, so prefetch() is forced too. The AVX2 variant inlines them
+// all by itself; forcing them there changed GCC's other inlining decisions.
+#if defined(CPU_CAPABILITY_AVX512)
+#define FASTBN_STEP_INLINE C10_ALWAYS_INLINE
+#else
+#define FASTBN_STEP_INLINE inline
+#endif
+
 // Prefetches the line `bytes_ahead` past p for reading. The address is formed
 // as an integer: it may lie past the end of the array (prefetches never fault),
 // where pointer arithmetic would be undefined.
-inline void prefetch(const void* p, int64_t bytes_ahead) {
+FASTBN_STEP_INLINE void prefetch(const void* p, int64_t bytes_ahead) {
 #if defined(__GNUC__) || defined(__clang__)
   const auto address = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes_ahead);
   __builtin_prefetch(reinterpret_cast<const void*>(address), /*rw=*/0, /*locality=*/3);
@@ -115,7 +129,7 @@ struct VecIO {
   static constexpr int kVecs = static_cast<int>(sVec::size() / aVec::size());
   static constexpr int64_t kAccLanes = aVec::size();
 
-  static inline void load(const scalar_t* p, aVec (&v)[kVecs]) {
+  static FASTBN_STEP_INLINE void load(const scalar_t* p, aVec (&v)[kVecs]) {
     if constexpr (kVecs == 1) {
       v[0] = aVec::loadu(p);
     } else {
@@ -139,7 +153,7 @@ struct VecIO {
   // such vectors back in memory order. For passes whose every lane gets the
   // same parameters (a row of one channel), and sums over all lanes.
   template <bool kPrefetch = true>
-  static inline void load_any_order(const scalar_t* p, aVec (&v)[kVecs]) {
+  static FASTBN_STEP_INLINE void load_any_order(const scalar_t* p, aVec (&v)[kVecs]) {
 #if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
     if constexpr (kAnyOrderDiffers) {
       if constexpr (kPrefetch) {
@@ -163,7 +177,7 @@ struct VecIO {
       return aVec::arange(static_cast<acc_t>(k * kAccLanes), acc_t(1));
     }
   }
-  static inline void store_any_order(scalar_t* p, const aVec (&v)[kVecs]) {
+  static FASTBN_STEP_INLINE void store_any_order(scalar_t* p, const aVec (&v)[kVecs]) {
     if constexpr (kAnyOrderDiffers) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow_any_order(v));
     } else {
@@ -171,7 +185,7 @@ struct VecIO {
     }
   }
   // store_any_order, through the non-temporal path when `stream` and p is aligned.
-  static inline void store_any_order(scalar_t* p, const aVec (&v)[kVecs], bool stream) {
+  static FASTBN_STEP_INLINE void store_any_order(scalar_t* p, const aVec (&v)[kVecs], bool stream) {
     if (stream && kStreamAlign != 0 && reinterpret_cast<uintptr_t>(p) % kStreamAlign == 0) {
       stream_any_order(p, v);
     } else {
@@ -196,7 +210,7 @@ struct VecIO {
       }
     }
   }
-  static inline void stream_any_order(scalar_t* p, const aVec (&v)[kVecs]) {
+  static FASTBN_STEP_INLINE void stream_any_order(scalar_t* p, const aVec (&v)[kVecs]) {
     if constexpr (kAnyOrderDiffers) {
       _mm256_stream_si256(reinterpret_cast<__m256i*>(p), narrow_any_order(v));
     } else {
@@ -207,7 +221,7 @@ struct VecIO {
   // Rounds each float to the nearest bf16 (ties to even; NaN to the quiet
   // NaN 0x7fc0, as c10::BFloat16's own conversion) and packs the two
   // vectors, lanes in load_any_order's order.
-  static inline __m256i narrow_any_order(const aVec (&v)[kVecs]) {
+  static FASTBN_STEP_INLINE __m256i narrow_any_order(const aVec (&v)[kVecs]) {
     const __m256i rounding = _mm256_set1_epi32(0x7fff);
     const __m256i one = _mm256_set1_epi32(1);
     const __m256i nan = _mm256_set1_epi32(0x7fc0);
@@ -224,14 +238,14 @@ struct VecIO {
 #endif
   // load() for walks in memory order: also prefetches kPrefetchBytes ahead.
   template <bool kPrefetch = true>
-  static inline void load_ahead(const scalar_t* p, aVec (&v)[kVecs]) {
+  static FASTBN_STEP_INLINE void load_ahead(const scalar_t* p, aVec (&v)[kVecs]) {
     if constexpr (kPrefetch) {
       prefetch(p, kPrefetchBytes);
     }
     load(p, v);
   }
   // Loads n < kStep elements; the other lanes are zero.
-  static inline void load_partial(const scalar_t* p, int64_t n, aVec (&v)[kVecs]) {
+  static FASTBN_STEP_INLINE void load_partial(const scalar_t* p, int64_t n, aVec (&v)[kVecs]) {
     if constexpr (kVecs == 1) {
       v[0] = aVec::loadu(p, n);
     } else {
@@ -246,7 +260,7 @@ struct VecIO {
   // values) it was the slowest instruction of the loop. Here: a masked load
   // of the whole 32-bit pairs, and an odd last value put into its pair's low
   // half (the masked load never touches memory past the n values).
-  static inline sVec load_partial_16bit(const scalar_t* p, int64_t n) {
+  static FASTBN_STEP_INLINE sVec load_partial_16bit(const scalar_t* p, int64_t n) {
 #if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
     const __m256i pair_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i pairs = _mm256_set1_epi32(static_cast<int32_t>(n / 2));
@@ -261,7 +275,7 @@ struct VecIO {
     return sVec::loadu(p, n);  // a masked load with AVX-512
 #endif
   }
-  static inline void store(scalar_t* p, const aVec (&v)[kVecs]) {
+  static FASTBN_STEP_INLINE void store(scalar_t* p, const aVec (&v)[kVecs]) {
     if constexpr (kVecs == 1) {
       v[0].store(p);
     } else {
@@ -269,7 +283,7 @@ struct VecIO {
     }
   }
   // A streaming store at p, which must be kStreamAlign-aligned.
-  static inline void stream_aligned(scalar_t* p, const aVec (&v)[kVecs]) {
+  static FASTBN_STEP_INLINE void stream_aligned(scalar_t* p, const aVec (&v)[kVecs]) {
     if constexpr (kStreamAlign == 0) {
       store(p, v);
     } else if constexpr (kVecs == 1) {
@@ -279,7 +293,7 @@ struct VecIO {
     }
   }
   // store() through the non-temporal path when `stream` and p is aligned.
-  static inline void store(scalar_t* p, const aVec (&v)[kVecs], bool stream) {
+  static FASTBN_STEP_INLINE void store(scalar_t* p, const aVec (&v)[kVecs], bool stream) {
     if (!stream || kStreamAlign == 0 || reinterpret_cast<uintptr_t>(p) % kStreamAlign != 0) {
       store(p, v);
     } else if constexpr (kVecs == 1) {
@@ -289,7 +303,7 @@ struct VecIO {
     }
   }
   // Two float vectors to one vector of the half type, rounding to nearest even.
-  static inline sVec narrow(const aVec (&v)[kVecs]) {
+  static FASTBN_STEP_INLINE sVec narrow(const aVec (&v)[kVecs]) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(FASTBN_HAVE_AVX512BF16)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       // One instruction instead of ATen's integer rounding sequence, on the
@@ -301,7 +315,7 @@ struct VecIO {
 #endif
     return at::vec::convert_from_float<scalar_t>(v[0], v[1]);
   }
-  static inline void store_partial(scalar_t* p, int64_t n, const aVec (&v)[kVecs]) {
+  static FASTBN_STEP_INLINE void store_partial(scalar_t* p, int64_t n, const aVec (&v)[kVecs]) {
     if constexpr (kVecs == 1) {
       v[0].store(p, n);
     } else {
@@ -310,7 +324,7 @@ struct VecIO {
   }
   // The counterpart of load_partial_16bit (ATen's AVX2 form: a stack buffer
   // and a memcpy call).
-  static inline void store_partial_16bit(scalar_t* p, int64_t n, const sVec& v) {
+  static FASTBN_STEP_INLINE void store_partial_16bit(scalar_t* p, int64_t n, const sVec& v) {
 #if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
     const __m256i pair_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i pairs = _mm256_set1_epi32(static_cast<int32_t>(n / 2));
