@@ -98,6 +98,31 @@ def test_matches_float64_reference(device, case, dtype, training):
             assert_close_to_reference(ours[3], ref[3], dtype, f"running_var {what}")
 
 
+# Channels-last reductions combine four periods a quarter of a chunk apart
+# (part_stride in csrc/cpu/work_split.h), one less when the quarter is a
+# multiple of 4 KiB; the periods left over go one by one.
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (8, 64, 16, 16),  # quarters of 4 KiB multiples: one less, 4 periods left over
+        (4, 1024, 3, 3),  # fp32 periods of a whole page: every quarter a page multiple
+        (5, 24, 13, 11),  # a partial last period, quarters of uneven chunks
+        (3, 2048, 2, 2),  # bf16 periods of a whole page, chunks of under 4 periods
+    ],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_channels_last_reductions_in_four_streams(device, shape, dtype):
+    x = make_input(shape, dtype, device, "channels_last", offset=3.0, scale=2.0)
+    params = channel_params(shape[1], torch.float64, device)
+    ours, ref = run_both(x, params, True, 0.1, True, True, dtype)
+    assert_close_to_reference(ours[0], ref[0], dtype, "output")
+    for name, g, g_ref in zip(["input", "weight", "bias"], ours[1], ref[1]):
+        assert_close_to_reference(g, g_ref, dtype, f"grad_{name}")
+    assert_close_to_reference(ours[2], ref[2], dtype, "running_mean")
+    assert_close_to_reference(ours[3], ref[3], dtype, "running_var")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_mixed_precision_float32_params(device, dtype, training):
