@@ -78,7 +78,7 @@ def poison_allocator(device, nbytes):
 # The correctness tests that cover every CPU kernel: statistics, elementwise
 # passes and fused blocks, both layouts, every dtype, streamed outputs.
 CORRECTNESS_SUBSET = ("cpu and (matches_float64_reference or matches_torch or output_mask or "
-                      "large_offset or streamed_output or thread_count)")
+                      "large_offset or streamed_output or thread_count or four_streams)")
 
 
 def run_correctness_subset(env: dict) -> None:

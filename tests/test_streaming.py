@@ -134,3 +134,10 @@ def test_correctness_with_every_pass_prefetching():
     passes over half the LLC do (the suite's small tensors otherwise take the
     walks without it): the prefetching forms against the fp64 reference."""
     run_correctness_subset({**os.environ, "FASTBN_CPU_PREFETCH_MIN_MB": "0"})
+
+
+def test_correctness_with_every_pass_streamed_and_prefetching():
+    """Both thresholds at 0, as for passes over tensors larger than the
+    cache: channels-first rows then go in pairs half the range apart (two
+    streams), which must leave the streaming stores' alignment alone."""
+    run_correctness_subset({**os.environ, "FASTBN_CPU_STREAM_MIN_MB": "0", "FASTBN_CPU_PREFETCH_MIN_MB": "0"})

@@ -396,6 +396,19 @@ struct GradSumsAcc {
   // y: the saved output (kMasked); d_out: where d goes (kWrite).
   inline void add_row(const scalar_t* dy, const scalar_t* y, const scalar_t* x, scalar_t* d_out,
                       int64_t len, bool stream) {
+    add_rows_side_by_side<1>(dy, y, x, d_out, 0, len, stream);
+  }
+
+  // add_row of the rows at offsets 0 and `partner`, walked side by side: two
+  // streams through memory for each input (see part_stride in work_split.h).
+  inline void add_row_pair(const scalar_t* dy, const scalar_t* y, const scalar_t* x, scalar_t* d_out,
+                           int64_t partner, int64_t len, bool stream) {
+    add_rows_side_by_side<2>(dy, y, x, d_out, partner, len, stream);
+  }
+
+  template <int kSides>
+  inline void add_rows_side_by_side(const scalar_t* dy, const scalar_t* y, const scalar_t* x, scalar_t* d_out,
+                                    int64_t partner, int64_t len, bool stream) {
     // Local copies of the sums, as in RowWelford::add_row.
     aVec sum_dy[IO::kVecs], sum_dy_xmu[IO::kVecs];
     for (int k = 0; k < IO::kVecs; ++k) {
@@ -405,19 +418,23 @@ struct GradSumsAcc {
     const aVec mean = mean_;
     for (int64_t s = 0; s < len; s += IO::kStep) {
       const int64_t n = std::min<int64_t>(IO::kStep, len - s);
-      aVec vdy[IO::kVecs], vx[IO::kVecs];
-      // Every lane is of this channel: whole steps in any order (cheaper bf16
-      // widening on AVX2), the same for dy, y, x and d.
-      load_grad_step<scalar_t, kMasked, kWrite, true>(dy + s, offset_if<kMasked>(y, s), offset_if<kWrite>(d_out, s),
-                                                       n, stream, vdy);
-      if (n == IO::kStep) {
-        IO::load_any_order(x + s, vx);
-      } else {
-        IO::load_partial(x + s, n, vx);
-      }
-      for (int k = 0; k < IO::kVecs; ++k) {
-        sum_dy[k] = sum_dy[k] + vdy[k];
-        sum_dy_xmu[k] = at::vec::fmadd(vdy[k], vx[k] - mean, sum_dy_xmu[k]);
+#pragma GCC unroll 2
+      for (int side = 0; side < kSides; ++side) {
+        const int64_t at = s + side * partner;
+        aVec vdy[IO::kVecs], vx[IO::kVecs];
+        // Every lane is of this channel: whole steps in any order (cheaper
+        // bf16 widening on AVX2), the same for dy, y, x and d.
+        load_grad_step<scalar_t, kMasked, kWrite, true>(dy + at, offset_if<kMasked>(y, at),
+                                                         offset_if<kWrite>(d_out, at), n, stream, vdy);
+        if (n == IO::kStep) {
+          IO::load_any_order(x + at, vx);
+        } else {
+          IO::load_partial(x + at, n, vx);
+        }
+        for (int k = 0; k < IO::kVecs; ++k) {
+          sum_dy[k] = sum_dy[k] + vdy[k];
+          sum_dy_xmu[k] = at::vec::fmadd(vdy[k], vx[k] - mean, sum_dy_xmu[k]);
+        }
       }
     }
     for (int k = 0; k < IO::kVecs; ++k) {

@@ -415,7 +415,14 @@ struct RowWelford {
   // add_row for `rows` rows, `stride` elements apart.
   inline void add_rows(const scalar_t* p, int64_t stride, int64_t rows, const aVec& shift) {
     const int64_t tail = len_ % kRound;
-    add_rows_with_tail<0>(static_cast<int>((tail + IO::kStep - 1) / IO::kStep), p, stride, rows, shift);
+    add_rows_with_tail<0, false>(static_cast<int>((tail + IO::kStep - 1) / IO::kStep), p, stride, rows, 0, shift);
+  }
+
+  // add_row of the rows at p and p + partner, walked side by side: two
+  // streams through memory (see part_stride in work_split.h).
+  inline void add_row_pair(const scalar_t* p, int64_t partner, const aVec& shift) {
+    const int64_t tail = len_ % kRound;
+    add_rows_with_tail<0, true>(static_cast<int>((tail + IO::kStep - 1) / IO::kStep), p, 0, 1, partner, shift);
   }
 
   WelfordStat<acc_t> result() const {
@@ -436,14 +443,14 @@ struct RowWelford {
 
   // Runs add_rows_impl<kTailSteps> for kTailSteps = tail_steps (0 to
   // kStepsPerRound, the vector steps of a row's tail).
-  template <int kTry>
+  template <int kTry, bool kPair>
   inline void add_rows_with_tail(
-      int tail_steps, const scalar_t* p, int64_t stride, int64_t rows, const aVec& shift) {
+      int tail_steps, const scalar_t* p, int64_t stride, int64_t rows, int64_t partner, const aVec& shift) {
     if constexpr (kTry <= kStepsPerRound) {
       if (tail_steps == kTry) {
-        add_rows_impl<kTry>(p, stride, rows, shift);
+        add_rows_impl<kTry, kPair>(p, stride, rows, partner, shift);
       } else {
-        add_rows_with_tail<kTry + 1>(tail_steps, p, stride, rows, shift);
+        add_rows_with_tail<kTry + 1, kPair>(tail_steps, p, stride, rows, partner, shift);
       }
     }
   }
@@ -453,8 +460,11 @@ struct RowWelford {
   // alias anything, so the compiler cannot keep members in registers across
   // them). With the tail's step count a constant, every accumulator index is
   // one too, and all of them stay in registers.
-  template <int kTailSteps>
-  inline void add_rows_impl(const scalar_t* p, int64_t stride, int64_t rows, const aVec& shift) {
+  // kPair: each row with its partner (the row `partner` values on), a round
+  // of one, then the same round of the other.
+  template <int kTailSteps, bool kPair>
+  inline void add_rows_impl(const scalar_t* p, int64_t stride, int64_t rows, int64_t partner, const aVec& shift) {
+    constexpr int kSides = kPair ? 2 : 1;
     const int64_t len = len_;
     const int64_t full = len / kRound * kRound;
     // Values in the tail's last step (kStep when it is a full one).
@@ -478,32 +488,40 @@ struct RowWelford {
         }
       }
       for (int64_t i = 0; i < full; i += kRound) {
-        ++rounds;
-        const aVec gain(acc_t(1) / static_cast<acc_t>(rounds));
-#pragma GCC unroll 4
-        for (int s = 0; s < kStepsPerRound; ++s) {
-          aVec v[IO::kVecs];
-          IO::load_any_order(p + i + s * IO::kStep, v);  // all lanes merge alike
 #pragma GCC unroll 2
-          for (int k = 0; k < IO::kVecs; ++k) {
-            update(mean[s * IO::kVecs + k], m2[s * IO::kVecs + k], v[k] - shift, gain);
+        for (int side = 0; side < kSides; ++side) {
+          const scalar_t* row = p + side * partner;
+          ++rounds;
+          const aVec gain(acc_t(1) / static_cast<acc_t>(rounds));
+#pragma GCC unroll 4
+          for (int s = 0; s < kStepsPerRound; ++s) {
+            aVec v[IO::kVecs];
+            IO::load_any_order(row + i + s * IO::kStep, v);  // all lanes merge alike
+#pragma GCC unroll 2
+            for (int k = 0; k < IO::kVecs; ++k) {
+              update(mean[s * IO::kVecs + k], m2[s * IO::kVecs + k], v[k] - shift, gain);
+            }
           }
         }
       }
       if constexpr (kTailSteps > 0) {
-        ++tail_rows;
-        const aVec gain(acc_t(1) / static_cast<acc_t>(tail_rows));
-#pragma GCC unroll 4
-        for (int s = 0; s < kTailSteps; ++s) {
-          aVec v[IO::kVecs];
-          if (s + 1 < kTailSteps || last == IO::kStep) {
-            IO::load(p + full + s * IO::kStep, v);
-          } else {
-            IO::load_partial(p + full + s * IO::kStep, last, v);
-          }
 #pragma GCC unroll 2
-          for (int k = 0; k < IO::kVecs; ++k) {
-            update(tail_mean[s * IO::kVecs + k], tail_m2[s * IO::kVecs + k], v[k] - shift, gain);
+        for (int side = 0; side < kSides; ++side) {
+          const scalar_t* row = p + side * partner;
+          ++tail_rows;
+          const aVec gain(acc_t(1) / static_cast<acc_t>(tail_rows));
+#pragma GCC unroll 4
+          for (int s = 0; s < kTailSteps; ++s) {
+            aVec v[IO::kVecs];
+            if (s + 1 < kTailSteps || last == IO::kStep) {
+              IO::load(row + full + s * IO::kStep, v);
+            } else {
+              IO::load_partial(row + full + s * IO::kStep, last, v);
+            }
+#pragma GCC unroll 2
+            for (int k = 0; k < IO::kVecs; ++k) {
+              update(tail_mean[s * IO::kVecs + k], tail_m2[s * IO::kVecs + k], v[k] - shift, gain);
+            }
           }
         }
       }
