@@ -103,8 +103,9 @@ bool prefetch_input(const Geometry& g, int inputs = 1) {
   return prefetch_pass(pass_bytes_moved<scalar_t>(g, inputs));
 }
 
-// The whole steps of a row with one set of parameters: a loop of its own,
-// everything in registers, the store kind and the prefetching fixed.
+// The whole steps of kRows rows side by side, each with one set of
+// parameters: a loop of its own, everything in registers, the store kind and
+// the prefetching fixed.
 // Through map_run's per-step parameter callback (whose captures the compiler
 // reloads after every vector store) it took about 20 instructions per AVX2
 // vector, which made a pass over data in the last-level cache
