@@ -123,6 +123,35 @@ def test_channels_last_reductions_in_four_streams(device, shape, dtype):
     assert_close_to_reference(ours[3], ref[3], dtype, "running_var")
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (32, 6, 7, 7),  # rows of 49: whole steps and a partial one, 1568 values a channel
+        (64, 3, 4, 8),  # whole steps only, 2048 values a channel (the most for two passes)
+        (65, 3, 4, 8),  # one image more: Welford
+        (5, 4, 3, 3),  # rows shorter than a vector step
+        (3, 5, 17),  # 1-d: a step and one value
+    ],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_short_row_statistics_of_few_images(device, shape, dtype):
+    """Channels-first statistics over few images of short rows, which the CPU
+    computes in two passes (short_row_channel_stats in csrc/cpu/statistics.h).
+    The channels lie far apart, so that a row's last step summing values of
+    the next row would show."""
+    C = shape[1]
+    offsets = (10.0 * torch.arange(C, dtype=torch.float64, device=device)).view(1, C, *[1] * (len(shape) - 2))
+    x = (make_input(shape, torch.float64, device, scale=2.0) + offsets).to(dtype)
+    params = channel_params(C, torch.float64, device)
+    ours, ref = run_both(x, params, True, 0.1, True, True, dtype if dtype == torch.float64 else torch.float32)
+    assert_close_to_reference(ours[0], ref[0], dtype, "output")
+    for name, g, g_ref in zip(["input", "weight", "bias"], ours[1], ref[1]):
+        assert_close_to_reference(g, g_ref, dtype, f"grad_{name}")
+    assert_close_to_reference(ours[2], ref[2], dtype, "running_mean")
+    assert_close_to_reference(ours[3], ref[3], dtype, "running_var")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_mixed_precision_float32_params(device, dtype, training):

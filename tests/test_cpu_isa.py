@@ -136,13 +136,13 @@ def test_no_avx512_instruction_outside_the_avx512_variant():
         f"{f}: {insn}" for f, insn in list(offenders.items())[:20])
 
 
-# A walk instantiated to prefetch (kPrefetch, the second template argument of
-# the elementwise walks) must issue prefetch instructions, one instantiated not
+# A walk instantiated to prefetch (kPrefetch, the template argument after the
+# store kind kStream) must issue prefetch instructions, one instantiated not
 # to must not: GCC 12 silently drops the __builtin_prefetch of a plain inline
 # function inlined into a forced-inline one (see FASTBN_STEP_INLINE in
 # csrc/cpu/vec_utils.h), which would leave every pass from memory without it.
 PREFETCH_WALK = re.compile(
-    r"::(?:map_rows_flat_walk|map_periods_walk)<(?:true|false), (true|false),|::map_short_period<\d+, (true|false),")
+    r"::(?:map_rows_flat_walk|map_periods_walk)<(?:true|false), (true|false),|::map_short_period<\d+, (?:true|false), (true|false),")
 
 
 def test_walks_built_to_prefetch_issue_prefetches():
