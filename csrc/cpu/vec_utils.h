@@ -81,8 +81,10 @@ constexpr int64_t kPrefetchBytes = 4096;
 // all by itself; forcing them there changed GCC's other inlining decisions.
 #if defined(CPU_CAPABILITY_AVX512)
 #define FASTBN_STEP_INLINE C10_ALWAYS_INLINE
+#define FASTBN_LAMBDA_INLINE __attribute__((always_inline))  // the same, for a lambda
 #else
 #define FASTBN_STEP_INLINE inline
+#define FASTBN_LAMBDA_INLINE
 #endif
 
 // Prefetches the line `bytes_ahead` past p for reading. The address is formed
