@@ -8,6 +8,7 @@ exits non-zero and the launching test reports the traceback.
 from __future__ import annotations
 
 import datetime
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -178,34 +179,45 @@ def ddp_training(rank: int, world_size: int, init_file: str) -> None:
     against the same net trained in one process on the full batch."""
     init_group(rank, world_size, init_file)
     try:
-        torch.manual_seed(0)
-        single = conv_net("fastbn").double()
-        distributed = fastbn.convert(conv_net("torch").double(), sync=True)
-        distributed.load_state_dict(single.state_dict())
-        ddp = torch.nn.parallel.DistributedDataParallel(distributed)
-        per_rank = 4
-        generator = torch.Generator().manual_seed(1)
-        opt_single = torch.optim.SGD(single.parameters(), lr=0.1)
-        opt_ddp = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        for step in range(3):
-            images = torch.randn(per_rank * world_size, 1, 28, 28, generator=generator, dtype=torch.float64)
-            labels = torch.randint(0, 10, (per_rank * world_size,), generator=generator)
-            opt_single.zero_grad()
-            F.cross_entropy(single(images), labels).backward()
-            opt_single.step()
-            mine = slice(rank * per_rank, (rank + 1) * per_rank)
-            opt_ddp.zero_grad()
-            F.cross_entropy(ddp(images[mine]), labels[mine]).backward()
-            opt_ddp.step()
-        state = distributed.state_dict()
-        for key, expected in single.state_dict().items():
-            torch.testing.assert_close(
-                state[key], expected, rtol=1e-10, atol=1e-10,
-                msg=lambda m, key=key: f"rank {rank}: {key} after 3 steps: {m}")
-        flat = torch.cat([p.detach().flatten() for p in distributed.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(world_size)]
-        dist.all_gather(gathered, flat)
-        for other in gathered:
-            assert torch.equal(other, flat), f"rank {rank}: parameters differ between ranks"
+        _ddp_training_steps(rank, world_size)
+        # DDP's reducer holds the group and its gloo threads: free it (with
+        # the model, in reference cycles) while the group is alive, and let
+        # no rank tear its connections down while the other still uses them.
+        # Once (2026-12-07), without this, a rank aborted at exit with
+        # "terminate called without an active exception".
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _ddp_training_steps(rank: int, world_size: int) -> None:
+    torch.manual_seed(0)
+    single = conv_net("fastbn").double()
+    distributed = fastbn.convert(conv_net("torch").double(), sync=True)
+    distributed.load_state_dict(single.state_dict())
+    ddp = torch.nn.parallel.DistributedDataParallel(distributed)
+    per_rank = 4
+    generator = torch.Generator().manual_seed(1)
+    opt_single = torch.optim.SGD(single.parameters(), lr=0.1)
+    opt_ddp = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for step in range(3):
+        images = torch.randn(per_rank * world_size, 1, 28, 28, generator=generator, dtype=torch.float64)
+        labels = torch.randint(0, 10, (per_rank * world_size,), generator=generator)
+        opt_single.zero_grad()
+        F.cross_entropy(single(images), labels).backward()
+        opt_single.step()
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        opt_ddp.zero_grad()
+        F.cross_entropy(ddp(images[mine]), labels[mine]).backward()
+        opt_ddp.step()
+    state = distributed.state_dict()
+    for key, expected in single.state_dict().items():
+        torch.testing.assert_close(
+            state[key], expected, rtol=1e-10, atol=1e-10,
+            msg=lambda m, key=key: f"rank {rank}: {key} after 3 steps: {m}")
+    flat = torch.cat([p.detach().flatten() for p in distributed.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world_size)]
+    dist.all_gather(gathered, flat)
+    for other in gathered:
+        assert torch.equal(other, flat), f"rank {rank}: parameters differ between ranks"
