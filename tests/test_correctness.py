@@ -340,6 +340,55 @@ def test_streamed_output_with_misaligned_rows(dtype, threads):
         torch.set_num_threads(previous)
 
 
+def page_placed(values, page_offset):
+    """A copy of `values` (same strides) whose data starts `page_offset` bytes into a 4 KiB page."""
+    size = values.element_size()
+    buffer = torch.empty(values.numel() + 4096 // size, dtype=values.dtype)
+    shift = (page_offset - buffer.data_ptr()) % 4096 // size
+    placed = buffer.as_strided(values.shape, values.stride(), shift)
+    placed.copy_(values)
+    assert placed.data_ptr() % 4096 == page_offset
+    return placed
+
+
+@pytest.mark.parametrize("shape,fmt", [((8, 16, 32, 32), "contiguous"), ((8, 64, 16, 16), "channels_last"),
+                                       ((16, 96, 12, 12), "channels_last")], ids=["rows-4KiB", "cl-64", "cl-96"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+# 0: rows of 4 KiB alias; 2048: cl-64's partners (fp32, 2 KiB periods);
+# 384 and 768: cl-96's (fp32) at 2 and 1 threads; 64: torch's usual offset.
+@pytest.mark.parametrize("page_offset", [0, 64, 384, 768, 2048])
+def test_streamed_output_with_inputs_at_any_page_offset(shape, fmt, dtype, page_offset):
+    """Outputs of the pool start on a page, inputs anywhere in theirs. The
+    elementwise walks go down two parts of their range side by side, except
+    where an input of one part would share its page offset with the output
+    of the other (parts_alias in csrc/cpu/elementwise.h): rows of 4 KiB with
+    the input on a page boundary, or periods whose partner distance matches
+    the inputs' offset. Both walks, forward and backward, against the fp64
+    reference at 1 and 2 threads (pairs need prefetching passes: this runs
+    with every pass streamed and prefetching in test_streaming.py)."""
+    x = page_placed(make_input(shape, dtype, "cpu", fmt, offset=0.5, scale=2.0), page_offset)
+    dy = page_placed(make_input(shape, dtype, "cpu", fmt), page_offset)
+    w, b, rm, rv = channel_params(shape[1], torch.float32, "cpu")
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for training in (True, False):
+                poison_allocator("cpu", x.numel() * x.element_size())
+                xi = x.detach().requires_grad_()
+                y = fastbn.batch_norm(xi, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
+                (gx,) = torch.autograd.grad(y, xi, dy)
+                xr = x.double().requires_grad_()
+                yr = fastbn.reference.batch_norm(xr, rm.double(), rv.double(), w.double(), b.double(),
+                                                 training, 0.1, 1e-5)
+                (gr,) = torch.autograd.grad(yr, xr, dy.double())
+                what = f"threads={threads} train={training}"
+                assert_close_to_reference(y, yr, dtype, f"output {what}")
+                assert_close_to_reference(gx, gr, dtype, f"grad_input {what}")
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_grad_output_in_another_layout(device):
     """grad_output in a different memory format from the input is handled."""
     x = make_input((4, 6, 5, 7), torch.float32, device, "channels_last").requires_grad_()
