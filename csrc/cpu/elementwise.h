@@ -407,10 +407,9 @@ inline void map_partial_step_any_order(
 // nothing does (periods that are whole pages; see part_stride).
 template <typename scalar_t>
 int64_t paired_periods(int64_t whole, int64_t K) {
-  constexpr int64_t kPage = 4096;
   const int64_t period_bytes = K * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t half = part_stride(whole, 2, period_bytes);
-  if (VecIO<scalar_t>::kVecs > 1 && half * period_bytes % kPage == 0) {
+  if (VecIO<scalar_t>::kVecs > 1 && half * period_bytes % kPageBytes == 0) {
     return 0;
   }
   return half;
@@ -431,13 +430,12 @@ int64_t paired_periods(int64_t whole, int64_t K) {
 // is itself a pooled output (the residual of a fused BN+add+ReLU after another).
 template <typename scalar_t, int kIn>
 bool parts_alias(const scalar_t* const (&in)[kIn], const scalar_t* out, int64_t distance) {
-  constexpr int64_t kPage = 4096;
   for (int i = 0; i < kIn; ++i) {
-    const int64_t out_from_in = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % kPage) -
-                                static_cast<int64_t>(reinterpret_cast<uintptr_t>(in[i]) % kPage);
+    const int64_t out_from_in = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % kPageBytes) -
+                                static_cast<int64_t>(reinterpret_cast<uintptr_t>(in[i]) % kPageBytes);
     for (const int64_t in_from_out : {distance - out_from_in, -distance - out_from_in}) {
-      const int64_t within_page = (in_from_out % kPage + kPage) % kPage;
-      if (within_page < kCacheLineBytes || within_page > kPage - kCacheLineBytes) {
+      const int64_t within_page = (in_from_out % kPageBytes + kPageBytes) % kPageBytes;
+      if (within_page < kCacheLineBytes || within_page > kPageBytes - kCacheLineBytes) {
         return true;
       }
     }
@@ -633,7 +631,7 @@ void map_short_period(
   head = head == kBlock ? 0 : std::min(head, (end - begin) / kPeriod);
   int64_t half = paired_periods<scalar_t>((end - begin) / kPeriod - head, kPeriod);
   half -= half % kBlock;
-  if (half > 0 && half * kPeriodBytes % 4096 == 0) {  // not a page multiple: see paired_periods
+  if (half > 0 && half * kPeriodBytes % kPageBytes == 0) {  // not a page multiple: see paired_periods
     half -= kBlock;
   }
   if (half > 0 && parts_alias(inputs, out, half * kPeriodBytes)) {

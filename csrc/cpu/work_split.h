@@ -13,6 +13,9 @@
 namespace fastbn::cpu {
 inline namespace CPU_CAPABILITY {
 
+// The page size that 4 KiB aliasing and the prefetchers' page limits follow.
+constexpr int64_t kPageBytes = 4096;
+
 // Target number of values per parallel work item.
 constexpr int64_t kChunkValues = 1 << 16;
 
@@ -59,9 +62,8 @@ constexpr int64_t kShortRow = 512;
 // where loads and stores of different parts alias: streaming stores so ran
 // 1.6x slower). Still a multiple when the periods are whole pages.
 inline int64_t part_stride(int64_t whole, int64_t parts, int64_t period_bytes) {
-  constexpr int64_t kPage = 4096;
   int64_t stride = whole / parts;
-  if (stride > 1 && stride * period_bytes % kPage == 0) {
+  if (stride > 1 && stride * period_bytes % kPageBytes == 0) {
     --stride;
   }
   return stride;
