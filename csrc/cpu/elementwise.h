@@ -361,6 +361,29 @@ void map_rows_flat(
   }
 }
 
+// op on the whole step of values at pos, with the parameter vectors prm (one
+// set per vector of the step), into result: for walks that hold their
+// parameters in registers. Forced inline in every variant: GCC left it out
+// of line in AVX2 walks of three inputs, a call per step.
+template <bool kPrefetch, typename scalar_t, int kIn, int kParams, typename Op>
+C10_ALWAYS_INLINE void apply_step(
+    const scalar_t* const (&in)[kIn], int64_t pos,
+    const typename VecIO<scalar_t>::aVec (&prm)[VecIO<scalar_t>::kVecs][kParams], const Op& op,
+    typename VecIO<scalar_t>::aVec (&result)[VecIO<scalar_t>::kVecs]) {
+  using IO = VecIO<scalar_t>;
+  typename IO::aVec v[kIn][IO::kVecs];
+  for (int i = 0; i < kIn; ++i) {
+    IO::template load_any_order<kPrefetch>(in[i] + pos, v[i]);
+  }
+  for (int k = 0; k < IO::kVecs; ++k) {
+    typename IO::aVec args[kIn];
+    for (int i = 0; i < kIn; ++i) {
+      args[i] = v[i][k];
+    }
+    result[k] = op(args, prm[k]);
+  }
+}
+
 // op on the n < kStep values from pos, whose parameters come in
 // load_any_order's lane order (`params_at(k, prm)` for vector k): through
 // a step-sized buffer, as the walks that call it are laid out for whole steps.
@@ -405,6 +428,10 @@ inline void map_partial_step_any_order(
 // stores 1.6x slower (64x128x32x32, 64x2048x7x7; fp32 was not hurt): half is
 // made one smaller when that avoids it, and 16-bit types are not paired when
 // nothing does (periods that are whole pages; see part_stride).
+// With streaming stores walked step by step, a partner a period nearer or
+// farther changed fp32 channels_last eval at 2 threads by up to 30% on the 8
+// MiB-L3 EPYC, following where the buffers lay (NCHW row pairs: under 2%);
+// line by line (map_periods_walk) took most of that away.
 template <typename scalar_t>
 int64_t paired_periods(int64_t whole, int64_t K) {
   const int64_t period_bytes = K * static_cast<int64_t>(sizeof(scalar_t));
@@ -510,11 +537,53 @@ void map_periods_walk(
       }
     }
   };
+  // Two periods (the second row_stride values past the first) of whole
+  // cache lines, a line of one and then the same line of the other, each
+  // line's parameters loaded once for both. With streaming stores, step by
+  // step (whole_steps) leaves both partners' lines half-written in turn.
+  // fp32 channels_last at 2 threads on the 8 MiB-L3 EPYC, in one process,
+  // step by step -> a line at a time: eval 32x96x24x24 606 -> 572 us, 616 ->
+  // 567 and 659 -> 617 (NCHW 562, 551, 632), 64x128x32x32 2905 -> 2684,
+  // 32x256x56x56 9150 -> 8708, 32x2048x7x7 1228 -> 1239; training forward
+  // 32x96x24x24 1057 -> 932, forward+backward 2398 -> 2311 (at 1 thread:
+  // eval within 1%, or 5% faster). It also took away most of the dependence
+  // on the partner distance (see paired_periods): exactly half the range
+  // apart, eval 32x64x32x32 892 -> 673 us and 768 -> 628, 32x512x10x10 677
+  // -> 530 and 633 -> 497.
+  constexpr int64_t kLineSteps =
+      std::max<int64_t>(1, kCacheLineBytes / (IO::kStep * static_cast<int64_t>(sizeof(scalar_t))));
+  const auto line_pairs = [&](int64_t base, int64_t row_stride, int64_t whole) {
+    for (int64_t j = 0; j < whole; j += kLineSteps * IO::kStep) {
+      aVec prm[kLineSteps][IO::kVecs][kParams];
+      for (int s = 0; s < kLineSteps; ++s) {
+        for (int k = 0; k < IO::kVecs; ++k) {
+          params_at(j + s * IO::kStep)(k, prm[s][k]);
+        }
+      }
+      for (int r = 0; r < 2; ++r) {
+        for (int s = 0; s < kLineSteps; ++s) {
+          const int64_t at = base + r * row_stride + j + s * IO::kStep;
+          aVec result[IO::kVecs];
+          apply_step<kPrefetch>(in, at, prm[s], op, result);
+          IO::store_any_order(out + at, result, kStream);
+        }
+      }
+    }
+  };
+  const int64_t period_bytes = K * static_cast<int64_t>(sizeof(scalar_t));
   int64_t p = p0;
   if (K % IO::kStep == 0) {
     int64_t half = paired_periods<scalar_t>(std::max<int64_t>(0, std::min(p1, total / K) - p0), K);
-    if (parts_alias(in, out, half * K * static_cast<int64_t>(sizeof(scalar_t)))) {
+    if (parts_alias(in, out, half * period_bytes)) {
       half = 0;
+    }
+    // 16-bit types stay step by step: their passes are compute-bound with
+    // AVX2, and a line's parameters take twice the registers (bf16 eval
+    // 32x96x24x24 388 -> 402 us, 64x128x32x32 2026 -> 2122 a line at a time).
+    const bool by_lines = kStream && IO::kVecs == 1 &&
+                          period_bytes % (kLineSteps * IO::kStep * static_cast<int64_t>(sizeof(scalar_t))) == 0;
+    for (; by_lines && p < p0 + half; ++p) {
+      line_pairs(p * K, half * K, K);
     }
     for (; p < p0 + half; ++p) {
       whole_steps(std::integral_constant<int, 2>{}, p * K, half * K, K);
@@ -589,18 +658,8 @@ void map_short_period(
   // The step at pos, whose parameters are prm[s]. Called from five loops,
   // it went out of line in some AVX-512 walks without the attribute.
   const auto step = [&](int64_t pos, int s) FASTBN_LAMBDA_INLINE {
-    aVec v[kIn][IO::kVecs];
-    for (int i = 0; i < kIn; ++i) {
-      IO::template load_any_order<kPrefetch>(in[i] + pos, v[i]);
-    }
     aVec result[IO::kVecs];
-    for (int k = 0; k < IO::kVecs; ++k) {
-      aVec args[kIn];
-      for (int i = 0; i < kIn; ++i) {
-        args[i] = v[i][k];
-      }
-      result[k] = op(args, prm[s][k]);
-    }
+    apply_step<kPrefetch>(in, pos, prm[s], op, result);
     if constexpr (kStream) {
       IO::stream_any_order(out + pos, result);  // aligned: see try_map_short_period
     } else {
